@@ -1,0 +1,83 @@
+"""The dispatch table: every backend, whether it can run for a device (and why not), and which one
+``backend="auto"`` picks.
+
+A backend implementation is a module with three functions taking validated arguments:
+``group_bilinear(hs, ts, weight, bias, block_size, symmetric)``,
+``loss_fn(logits, labels, loss, gamma, margin_reg, reduction)`` and
+``fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction)``
+returning ``(loss, logits)``. All of them are differentiable.
+
+Availability depends only on state fixed at import time (extension loaded) and on the device, so
+it is cheap and traces under ``torch.compile``.
+"""
+import importlib
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpp", "cuda")
+# Fastest first.
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")}
+
+_MODULES = {
+    "reference": "ncrl_kernels._reference_backend",
+    "cpp": "ncrl_kernels._extension",
+    "cuda": "ncrl_kernels._extension",
+}
+
+_REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
+
+
+_LOADED = {}
+
+
+def _implementation(name):
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return _LOADED[name]
+
+
+def unavailable_reason(name, device):
+    """None if backend `name` can run on tensors of `device`, else a sentence saying why not."""
+    kind = device.type
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if kind != "cpu":
+            return f"'cpp' runs the C++ CPU kernels on CPU tensors, these are on {device}; use 'cuda' or 'triton'"
+        if _extension.LOAD_ERROR is not None:
+            return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
+        return None
+    if name == "cuda":
+        if kind != "cuda":
+            return f"'cuda' runs on CUDA tensors, these are on {device}"
+        if _extension.LOAD_ERROR is not None:
+            return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
+        if not _extension.has_kernel("CUDA"):
+            return (
+                "the extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit at build "
+                f"time); install a CUDA torch and the CUDA toolkit, then {_REBUILD}"
+            )
+        return None
+    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+
+
+def available_backends(device):
+    """Names of the backends usable for tensors on `device` (a torch.device or a string)."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+
+
+def resolve(backend, device):
+    """The implementation module for `backend` on `device`; "auto" picks the fastest available."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device) is None:
+                return _implementation(name)
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+    return _implementation(backend)

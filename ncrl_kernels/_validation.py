@@ -1,0 +1,90 @@
+"""Input checks shared by every backend (SPEC.md "Bad input").
+
+They run before dispatch and look only at metadata (shape, dtype, device), so they never
+synchronise a GPU stream and trace cleanly under ``torch.compile``.
+"""
+import torch
+
+from .reference import LOSSES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_tensor(name, x, *, ndim):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}; "
+            f"convert it with {name}.float()"
+        )
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        found = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {found}; move them with .to(device)")
+
+
+def check_head(hs, ts, weight, bias, block_size):
+    """Checks of the group-bilinear head; returns (N, E, C)."""
+    check_tensor("hs", hs, ndim=2)
+    check_tensor("ts", ts, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_same_device(hs=hs, ts=ts, weight=weight, bias=bias)
+    if hs.shape != ts.shape:
+        raise ValueError(f"hs and ts must have the same shape [N, E], got {tuple(hs.shape)} and {tuple(ts.shape)}")
+    if not (hs.dtype == ts.dtype == weight.dtype):
+        raise TypeError(
+            f"hs, ts and weight must share one dtype, got {hs.dtype}, {ts.dtype} and {weight.dtype}; "
+            "cast them with .to(dtype) or run under torch.autocast"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    n, emb = hs.shape
+    if emb % block_size != 0:
+        raise ValueError(f"emb size E={emb} of hs/ts must be divisible by block_size={block_size}")
+    classes = weight.shape[0]
+    if weight.shape[1] != emb * block_size:
+        raise ValueError(
+            f"weight must have shape (C, E*block_size) = ({classes}, {emb * block_size}) like "
+            f"nn.Linear(E*block_size, C).weight, got {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (classes,):
+        raise ValueError(f"bias must have shape (C,) = ({classes},), got {tuple(bias.shape)}")
+    return n, emb, classes
+
+
+def check_loss_args(loss, gamma, reduction):
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be a float in [0, 1), got {gamma!r}")
+
+
+def check_labels(labels, n, classes, device):
+    """Multi-hot labels [N, C]: float, bool or int (converted by the caller, never in place)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_complex():
+        raise TypeError(f"labels must be a real multi-hot tensor (float, bool or int), got {labels.dtype}")
+    if labels.shape != (n, classes):
+        hint = " (turn class indices into a multi-hot [N, C] tensor first)" if labels.dim() == 1 else ""
+        raise ValueError(f"labels must have shape (N, C) = ({n}, {classes}), got {tuple(labels.shape)}{hint}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but the scores are on {device}; move it with .to(device)")
+    if classes < 2:
+        raise ValueError(f"need at least 2 classes (the none class in column 0 and one relation), got C={classes}")
+
+
+def check_logits_and_labels(logits, labels):
+    check_tensor("logits", logits, ndim=2)
+    check_labels(labels, logits.shape[0], logits.shape[1], logits.device)

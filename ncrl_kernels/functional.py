@@ -1,0 +1,118 @@
+"""The public functions. Each validates its arguments (SPEC.md "Bad input"), applies autocast the
+way ATLOP runs under it (head in the autocast dtype, loss in fp32), then hands over to one backend
+from the dispatch table (``_dispatch``).
+"""
+import torch
+
+from . import _dispatch, _validation, reference
+
+
+def _under_autocast(hs, ts, weight):
+    """Cast the head's inputs to the autocast dtype when autocast is on for their device, as
+    F.linear would; the bias keeps its dtype and the loss stays fp32."""
+    kind = hs.device.type
+    if not torch.is_autocast_enabled(kind):
+        return hs, ts, weight
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in (hs, ts, weight))
+
+
+def _float_labels(labels, dtype):
+    """Labels as floats of the loss dtype: a copy for bool/int labels, never an in-place change."""
+    return labels.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _check_tensors(**tensors):
+    for name, x in tensors.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False, backend="auto"):
+    """ATLOP's group-bilinear head ``logits = bilinear(kron(hs, ts))`` without the [N, E*B] feature.
+
+    Args:
+        hs, ts: ``[N, E]`` head / tail pair representations.
+        weight: ``[C, E*block_size]``, i.e. ``nn.Linear(E*block_size, C).weight``.
+        bias: ``[C]`` or None.
+        block_size: group size B (``E % B == 0``).
+        symmetric: use ``max(hs_i ts_j, hs_j ts_i)`` as the feature (the NCRL authors' DocRED model).
+        backend: "auto" or a name from :func:`available_backends`.
+
+    Returns:
+        logits ``[N, C]`` in the dtype of ``hs``.
+    """
+    _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
+    hs, ts, weight = _under_autocast(hs, ts, weight)
+    _validation.check_head(hs, ts, weight, bias, block_size)
+    impl = _dispatch.resolve(backend, hs.device)
+    return impl.group_bilinear(hs, ts, weight, bias, block_size, bool(symmetric))
+
+
+def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
+    _validation.check_loss_args(loss, gamma, reduction)
+    _validation.check_logits_and_labels(logits, labels)
+    impl = _dispatch.resolve(backend, logits.device)
+    # The loss runs in fp32 (fp64 stays fp64); autograd casts the gradient back to logits' dtype.
+    scores = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return impl.loss_fn(scores, _float_labels(labels, scores.dtype), loss, float(gamma), bool(margin_reg), reduction)
+
+
+def ncrl_loss(logits, labels, *, gamma=0.0, margin_reg=True, reduction="mean", backend="auto"):
+    """None Class Ranking Loss on given logits ``[N, C]`` (column 0 = none class).
+
+    ``labels`` is multi-hot ``[N, C]`` (float, bool or int). ``reduction``: "mean" (sum over pairs
+    and classes divided by N), "sum" or "none" (per pair, ``[N]``). ``gamma`` in [0, 1) is the margin
+    shift, ``margin_reg`` the none-class margin regulariser (SPEC.md).
+    """
+    return _loss(logits, labels, "ncrl", gamma, margin_reg, reduction, backend)
+
+
+def atl_loss(logits, labels, *, reduction="mean", backend="auto"):
+    """ATLOP's adaptive thresholding loss (``labels`` is not modified)."""
+    return _loss(logits, labels, "atl", 0.0, False, reduction, backend)
+
+
+def bce_loss(logits, labels, *, reduction="mean", backend="auto"):
+    """Binary cross-entropy with logits over columns 1..K, summed per pair."""
+    return _loss(logits, labels, "bce", 0.0, False, reduction, backend)
+
+
+def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, loss="ncrl", gamma=0.0,
+               margin_reg=True, reduction="mean", return_logits=False, backend="auto"):
+    """Group-bilinear head and loss in one fused op: the drop-in for ATLOP's
+    ``loss_fnt(bilinear(bl).float(), labels)``; gradients flow to hs, ts, weight and bias.
+
+    ``loss`` is "ncrl", "atl" or "bce" (``gamma``/``margin_reg`` apply to NCRL only). Returns the loss,
+    or ``(loss, logits)`` with ``logits`` detached when ``return_logits`` is set (e.g. for
+    :func:`predict`).
+    """
+    _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
+    hs, ts, weight = _under_autocast(hs, ts, weight)
+    n, _, classes = _validation.check_head(hs, ts, weight, bias, block_size)
+    _validation.check_loss_args(loss, gamma, reduction)
+    _validation.check_labels(labels, n, classes, hs.device)
+    impl = _dispatch.resolve(backend, hs.device)
+    value, logits = impl.fused(
+        hs, ts, weight, bias, _float_labels(labels, hs.dtype), block_size, bool(symmetric), loss, float(gamma),
+        bool(margin_reg), reduction,
+    )
+    return (value, logits.detach()) if return_logits else value
+
+
+def predict(logits, *, num_labels=-1):
+    """ATLOP/NCRL ``get_label``: float multi-hot ``[N, C]``; class k >= 1 is predicted when
+    ``f_k > f_0`` (and among the row's top ``num_labels`` scores if ``num_labels > 0``); column 0 is
+    set when nothing else is."""
+    _check_tensors(logits=logits)
+    _validation.check_tensor("logits", logits, ndim=2)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int):
+        raise TypeError(f"num_labels must be an int (-1 or 0 for no limit), got {num_labels!r}")
+    with torch.no_grad():
+        return reference.predict(logits, num_labels)
+
+
+def available_backends(device="cpu"):
+    """Backends usable for tensors on ``device``: "reference" and "cpp" on the CPU (plus "triton"
+    under TRITON_INTERPRET=1); "reference", "cuda" and "triton" on CUDA, as installed."""
+    return _dispatch.available_backends(device)

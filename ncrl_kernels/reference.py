@@ -1,0 +1,112 @@
+"""The pure-PyTorch reference: the numerical contract of SPEC.md, written the way ATLOP and the
+NCRL authors' code compute it (unfused: the ``[N, E*B]`` feature is built).
+
+Every other backend is tested against these functions. They are also the ``"reference"`` backend
+and the ``eager`` provider of the benchmarks, so they stay plain: no tiling, no custom autograd.
+Arguments are assumed valid (the public API validates them first).
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["group_bilinear", "ncrl_loss", "atl_loss", "bce_loss", "predict", "loss_fn", "LOSSES"]
+
+
+def _loss_dtype(dtype):
+    """Losses accumulate in fp32 whatever the input dtype (fp64 stays fp64, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(per_pair, reduction):
+    if reduction == "none":
+        return per_pair
+    total = per_pair.sum()
+    # SPEC: "mean" divides by the number of pairs N (not N*C); N == 0 gives 0, not NaN.
+    return total / max(per_pair.shape[0], 1) if reduction == "mean" else total
+
+
+def group_bilinear(hs, ts, weight, bias=None, block_size=64, symmetric=False):
+    """ATLOP's group-bilinear head: ``F.linear(kron_features(hs, ts), weight, bias)``."""
+    n, emb = hs.shape
+    groups = emb // block_size
+    b1 = hs.reshape(n, groups, block_size)
+    b2 = ts.reshape(n, groups, block_size)
+    bl = b1.unsqueeze(3) * b2.unsqueeze(2)  # [N, G, B, B]: the feature fused backends never build
+    if symmetric:
+        bl = torch.maximum(bl, bl.transpose(2, 3))
+    bias = None if bias is None else bias.to(weight.dtype)
+    return F.linear(bl.reshape(n, emb * block_size), weight, bias)
+
+
+def _margin_ce(margin, y, gamma):
+    """``y * pos(m) + (1 - y) * neg(m; gamma)`` of SPEC.md in stable form."""
+    # logsigmoid is exact in the tails (F.softplus switches to the identity past 20).
+    pos = -F.logsigmoid(margin)  # -log s(m)
+    if gamma == 0.0:
+        neg = -F.logsigmoid(-margin)  # -log(1 - s(m))
+    else:
+        # -log(min(1 - s(m) + gamma, 1)): zero (loss and gradient) where s(m) <= gamma.
+        # 1 - s(m) = s(-m) keeps the log finite for large margins.
+        shifted = -torch.log(torch.sigmoid(-margin) + gamma)
+        neg = torch.where(torch.sigmoid(margin) > gamma, shifted, torch.zeros_like(shifted))
+    return y * pos + (1.0 - y) * neg
+
+
+def ncrl_loss(logits, labels, gamma=0.0, margin_reg=True, reduction="mean"):
+    """None Class Ranking Loss (paper eq. 2, 5-7 with the official code's semantics)."""
+    f = logits.to(_loss_dtype(logits.dtype))
+    y = labels.to(f.dtype)
+    f0 = f[:, :1]
+    per_pair = _margin_ce(f[:, 1:] - f0, y[:, 1:], gamma).sum(1)
+    if margin_reg:
+        # The mean runs over all K relation columns and is not detached.
+        per_pair = per_pair + _margin_ce(f[:, 0] - f[:, 1:].mean(1), y[:, 0], gamma)
+    return _reduce(per_pair, reduction)
+
+
+def atl_loss(logits, labels, reduction="mean"):
+    """ATLOP's adaptive thresholding loss, without mutating ``labels``."""
+    f = logits.to(_loss_dtype(logits.dtype))
+    y = labels.to(f.dtype, copy=True)
+    th_label = torch.zeros_like(y)
+    th_label[:, 0] = 1.0
+    y[:, 0] = 0.0
+    p_mask = y + th_label
+    n_mask = 1.0 - y
+    logit1 = f - (1.0 - p_mask) * 1e30
+    loss1 = -(F.log_softmax(logit1, dim=-1) * y).sum(1)
+    logit2 = f - (1.0 - n_mask) * 1e30
+    loss2 = -(F.log_softmax(logit2, dim=-1) * th_label).sum(1)
+    return _reduce(loss1 + loss2, reduction)
+
+
+def bce_loss(logits, labels, reduction="mean"):
+    """Binary cross-entropy over the relation columns 1..K, summed per pair (column 0 unused)."""
+    f = logits.to(_loss_dtype(logits.dtype))
+    y = labels.to(f.dtype)
+    per_pair = F.binary_cross_entropy_with_logits(f[:, 1:], y[:, 1:], reduction="none").sum(1)
+    return _reduce(per_pair, reduction)
+
+
+LOSSES = ("ncrl", "atl", "bce")
+
+
+def loss_fn(logits, labels, loss="ncrl", gamma=0.0, margin_reg=True, reduction="mean"):
+    """One entry point for the three losses; ``gamma``/``margin_reg`` only affect NCRL."""
+    if loss == "ncrl":
+        return ncrl_loss(logits, labels, gamma, margin_reg, reduction)
+    if loss == "atl":
+        return atl_loss(logits, labels, reduction)
+    return bce_loss(logits, labels, reduction)
+
+
+def predict(logits, num_labels=-1):
+    """ATLOP/NCRL ``get_label``: classes scoring above the none class, optionally top-k only."""
+    th_logit = logits[:, :1]
+    mask = logits > th_logit
+    if num_labels > 0:
+        k = min(num_labels, logits.shape[1])
+        top_v = torch.topk(logits, k, dim=1).values[:, -1:]
+        mask = mask & (logits >= top_v)
+    output = mask.to(logits.dtype)
+    output[:, 0] = (output.sum(1) == 0.0).to(logits.dtype)
+    return output

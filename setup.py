@@ -1,0 +1,57 @@
+"""Builds ncrl_kernels._C: the C++ CPU kernels always, plus the CUDA kernels (csrc/cuda) when a CUDA
+toolkit is found and the installed torch is a CUDA build. A GPU is not needed to build.
+
+    pip install --no-build-isolation .          # or -e . for development
+    NCRL_KERNELS_CPU_ONLY=1 pip install ...     # skip the CUDA kernels even where they could build
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_build_reason():
+    """None when the CUDA kernels can be built here, else why not (printed in the build log)."""
+    if os.environ.get("NCRL_KERNELS_CPU_ONLY", "0") == "1":
+        return "NCRL_KERNELS_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        return "no CUDA sources in csrc/cuda"
+    return None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # -fopenmp at compile time only: at::parallel_for is an OpenMP pragma in ATen's headers, and its
+    # runtime symbols resolve to the libgomp that torch itself loads (linking a second one would
+    # give two thread pools).
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    reason = cuda_build_reason()
+    if reason is None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        print(f"ncrl_kernels: building CPU + CUDA kernels (CUDA {torch.version.cuda}, "
+              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}, toolkit {CUDA_HOME})")
+        nvcc = ["-O3", "--use_fast_math", "-std=c++17"]
+        return CUDAExtension(
+            "ncrl_kernels._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            define_macros=[("NCRL_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    print(f"ncrl_kernels: building CPU-only kernels ({reason})")
+    return CppExtension("ncrl_kernels._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    packages=["ncrl_kernels", "ncrl_kernels.triton_kernels"],
+    package_dir={"ncrl_kernels.triton_kernels": "triton_kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

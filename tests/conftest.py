@@ -1,0 +1,117 @@
+"""Shared test helpers: inputs, the backends to test, and tolerances against the fp64 reference.
+
+Every backend available for a device joins the same parametrised tests. On a machine without a
+GPU, Triton runs under its interpreter (TRITON_INTERPRET=1, set here before anything imports
+triton), so CI checks the Triton kernels too.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ncrl_kernels  # noqa: E402
+from ncrl_kernels import reference  # noqa: E402
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def fused_backends():
+    """(device, backend) pairs of every non-reference backend available here."""
+    return [
+        pytest.param(dev, name, id=f"{dev}-{name}", marks=[pytest.mark.gpu] if dev == "cuda" else [])
+        for dev in devices()
+        for name in ncrl_kernels.available_backends(dev)
+        if name != "reference"
+    ]
+
+
+def all_backends():
+    return [
+        pytest.param(dev, name, id=f"{dev}-{name}", marks=[pytest.mark.gpu] if dev == "cuda" else [])
+        for dev in devices()
+        for name in ncrl_kernels.available_backends(dev)
+    ]
+
+
+# Per dtype: (rtol, atol relative to the largest reference magnitude). fp32 on the GPU may use
+# TF32; tests that compare fp32 pin IEEE matmuls (see `ieee_fp32` below).
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-4, 2e-5),
+    torch.float16: (2e-2, 5e-3),
+    torch.bfloat16: (5e-2, 2e-2),
+}
+
+
+def dtypes_for(device, backend):
+    """Every input dtype a backend takes; the Triton interpreter (CPU) has no bf16."""
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Compare a backend result with the fp64 reference; atol scales with the result's size."""
+    rtol, atol = TOLERANCES[dtype]
+    expected = expected.detach().to(torch.float64).cpu()
+    actual = actual.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
+
+
+def make_head_inputs(n, emb, block, classes, *, dtype=torch.float32, device="cpu", seed=0, scale=1.0,
+                     bias=True, label_rate=0.2):
+    """hs, ts ~ tanh-range values, weight ~ nn.Linear init, multi-hot labels with column 0 set on
+    rows without relations. Logits come out O(scale)."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.rand(n, emb, generator=g, dtype=torch.float64) * 2 - 1
+    ts = torch.rand(n, emb, generator=g, dtype=torch.float64) * 2 - 1
+    weight = (torch.randn(classes, emb * block, generator=g, dtype=torch.float64) * scale
+              * 3.0 / (emb * block) ** 0.5)
+    b = torch.randn(classes, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    labels = make_labels(n, classes, seed=seed + 1, rate=label_rate)
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hs), cast(ts), cast(weight), cast(b), labels.to(device)
+
+
+def make_labels(n, classes, *, seed=0, rate=0.2):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, classes, generator=g) < rate).float()
+    labels[:, 0] = (labels[:, 1:].sum(1) == 0).float()
+    return labels
+
+
+def make_logits(n, classes, *, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, classes, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def fp64(*tensors):
+    """Detached fp64 CPU leaf copies (requiring grad) for the reference side."""
+    return [None if t is None else t.detach().cpu().double().requires_grad_() for t in tensors]
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.fixture
+def ieee_fp32():
+    """Pin IEEE fp32 matmuls (no TF32) for tight comparisons."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old[0]
+    torch.set_float32_matmul_precision(old[1])
+
+
+__all__ = ["reference"]

@@ -1,0 +1,238 @@
+"""The backend matrix: every available backend against the fp64 reference, for the losses, the
+head, the fused head + loss and all gradients, over reductions, loss settings, symmetric, dtypes
+and odd shapes. A new backend joins by appearing in ``available_backends``."""
+import pytest
+import torch
+
+import ncrl_kernels
+from ncrl_kernels import reference
+
+from conftest import (
+    all_backends,
+    assert_close,
+    devices,
+    dtypes_for,
+    fp64,
+    fused_backends,
+    leaves,
+    make_head_inputs,
+    make_labels,
+    make_logits,
+)
+
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
+LOSS_CONFIGS = [
+    pytest.param("ncrl", 0.0, True, id="ncrl"),
+    pytest.param("ncrl", 0.05, True, id="ncrl-gamma0.05"),
+    pytest.param("ncrl", 0.3, False, id="ncrl-gamma0.3-noreg"),
+    pytest.param("atl", 0.0, False, id="atl"),
+    pytest.param("bce", 0.0, False, id="bce"),
+]
+REDUCTIONS = ["mean", "sum", "none"]
+# (N, E, B, C): a general case, the smallest (N=1, C=2, E=B, one group), and several pair tiles.
+SHAPES = [
+    pytest.param((45, 64, 16, 9), id="N45-E64-B16-C9"),
+    pytest.param((1, 8, 8, 2), id="N1-E8-B8-C2"),
+    pytest.param((300, 32, 8, 5), id="N300-E32-B8-C5"),
+]
+
+
+def upstream(value, seed=3):
+    """A random incoming gradient, so "none" reductions check the per-pair scaling too."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(value.shape, generator=g, dtype=torch.float64) + 0.5).to(value.device, value.dtype)
+
+
+def run_fused(backend, hs, ts, weight, bias, labels, **kw):
+    value, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, return_logits=True, backend=backend, **kw)
+    params = [x for x in (hs, ts, weight, bias) if x is not None]
+    grads = torch.autograd.grad(value, params, upstream(value))
+    return value, logits, grads
+
+
+def check_fused(device, backend, shape, dtype, *, symmetric=False, loss="ncrl", gamma=0.0, margin_reg=True,
+                reduction="mean", scale=1.0, bias=True):
+    n, emb, block, classes = shape
+    hs, ts, weight, b, labels = make_head_inputs(n, emb, block, classes, dtype=dtype, device=device,
+                                                 scale=scale, bias=bias)
+    kw = dict(block_size=block, symmetric=symmetric, loss=loss, gamma=gamma, margin_reg=margin_reg,
+              reduction=reduction)
+    got = run_fused(backend, *leaves(hs, ts, weight, b), labels, **kw)
+    want = run_fused("reference", *fp64(hs, ts, weight, b), labels.cpu(), **kw)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == dtype and not got[1].requires_grad
+    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), (got[0], got[1], *got[2]),
+                          (want[0], want[1], *want[2])):
+        assert_close(a, e, dtype, f"{backend} {name}")
+    return got
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("loss,gamma,margin_reg", LOSS_CONFIGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_fused_settings(device, backend, loss, gamma, margin_reg, reduction, symmetric):
+    check_fused(device, backend, (45, 64, 16, 9), torch.float32, symmetric=symmetric, loss=loss, gamma=gamma,
+                margin_reg=margin_reg, reduction=reduction)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_fused_shapes_and_dtypes(device, backend, shape, symmetric):
+    for dtype in dtypes_for(device, backend):
+        check_fused(device, backend, shape, dtype, symmetric=symmetric, gamma=0.05)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_fused_without_bias(device, backend):
+    check_fused(device, backend, (45, 64, 16, 9), torch.float32, bias=False)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_head_matches_reference(device, backend, shape, symmetric):
+    n, emb, block, classes = shape
+    for dtype in dtypes_for(device, backend):
+        hs, ts, weight, bias, _ = make_head_inputs(n, emb, block, classes, dtype=dtype, device=device)
+        outs = []
+        for name, args in ((backend, leaves(hs, ts, weight, bias)), ("reference", fp64(hs, ts, weight, bias))):
+            logits = ncrl_kernels.group_bilinear(*args, block_size=block, symmetric=symmetric, backend=name)
+            outs.append((logits, *torch.autograd.grad(logits, args, upstream(logits))))
+        assert outs[0][0].dtype == dtype
+        for what, a, e in zip(("logits", "d_hs", "d_ts", "d_weight", "d_bias"), *outs):
+            assert_close(a, e, dtype, f"{backend} head {what} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("loss,gamma,margin_reg", LOSS_CONFIGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_matches_reference(device, backend, loss, gamma, margin_reg, reduction):
+    for dtype in dtypes_for(device, backend):
+        logits = make_logits(33, 7, dtype=dtype, device=device)
+        labels = make_labels(33, 7).to(device)
+        outs = []
+        for name, f in ((backend, leaves(logits)[0]), ("reference", fp64(logits)[0])):
+            value = reference_or_api(name, f, labels.to(f.device), loss, gamma, margin_reg, reduction)
+            outs.append((value, *torch.autograd.grad(value, f, upstream(value))))
+        assert outs[0][0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert outs[0][1].dtype == dtype
+        for what, a, e in zip(("loss", "d_logits"), *outs):
+            assert_close(a, e, dtype, f"{backend} {loss} {what} {dtype}")
+
+
+def reference_or_api(backend, logits, labels, loss, gamma, margin_reg, reduction):
+    if loss == "ncrl":
+        return ncrl_kernels.ncrl_loss(logits, labels, gamma=gamma, margin_reg=margin_reg, reduction=reduction,
+                                      backend=backend)
+    fn = ncrl_kernels.atl_loss if loss == "atl" else ncrl_kernels.bce_loss
+    return fn(logits, labels, reduction=reduction, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("loss,gamma,margin_reg", LOSS_CONFIGS)
+def test_logits_at_60_stay_finite(device, backend, loss, gamma, margin_reg):
+    logits = torch.tensor([[60.0, -60.0, 60.0, 0.0], [-60.0, 60.0, -60.0, 60.0], [0.0, 60.0, 60.0, -60.0]],
+                          device=device, requires_grad=True)
+    labels = torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], device=device)
+    value = reference_or_api(backend, logits, labels, loss, gamma, margin_reg, "sum")
+    (grad,) = torch.autograd.grad(value, logits)
+    want = reference.loss_fn(logits.detach().double().cpu(), labels.cpu(), loss, gamma, margin_reg, "sum")
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("loss,gamma,margin_reg", LOSS_CONFIGS)
+def test_fused_large_logits(device, backend, loss, gamma, margin_reg):
+    # Weights scaled so logits reach +-60: sigmoids saturate, losses and gradients stay finite.
+    got = check_fused(device, backend, (45, 64, 16, 9), torch.float32, loss=loss, gamma=gamma,
+                      margin_reg=margin_reg, scale=40.0)
+    assert got[1].abs().max() > 30
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(device, backend, reduction):
+    hs, ts, weight, bias, labels = make_head_inputs(0, 32, 8, 5, device=device)
+    params = leaves(hs, ts, weight, bias)
+    value, logits = ncrl_kernels.fused_ncrl(*params, labels, block_size=8, reduction=reduction,
+                                            return_logits=True, backend=backend)
+    assert logits.shape == (0, 5)
+    assert value.shape == ((0,) if reduction == "none" else ())
+    grads = torch.autograd.grad(value.sum(), params)
+    if reduction != "none":
+        assert value.item() == 0.0
+    assert grads[0].shape == (0, 32) and all((g == 0).all() for g in grads)
+    f = leaves(make_logits(0, 5, device=device))[0]
+    value = ncrl_kernels.ncrl_loss(f, labels, reduction=reduction, backend=backend)
+    assert value.sum().item() == 0.0 and torch.autograd.grad(value.sum(), f)[0].shape == (0, 5)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_bool_and_int_labels(device, backend):
+    hs, ts, weight, bias, labels = make_head_inputs(20, 32, 8, 5, device=device)
+    want = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=8, backend=backend)
+    for as_type in (torch.bool, torch.int64, torch.uint8):
+        got = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels.to(as_type), block_size=8, backend=backend)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        got = ncrl_kernels.atl_loss(hs @ hs.T[:, :5], labels.to(as_type), backend=backend)
+        assert got.item() == pytest.approx(ncrl_kernels.atl_loss(hs @ hs.T[:, :5], labels, backend=backend).item())
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("loss", ["ncrl", "atl", "bce"])
+def test_labels_never_mutated(device, backend, loss):
+    hs, ts, weight, bias, labels = make_head_inputs(20, 32, 8, 5, device=device)
+    before = labels.clone()
+    value = ncrl_kernels.fused_ncrl(*leaves(hs, ts, weight, bias), labels, block_size=8, loss=loss, backend=backend)
+    value.backward()
+    reference_or_api(backend, make_logits(20, 5, device=device), labels, loss, 0.0, True, "mean")
+    assert torch.equal(labels, before)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_non_contiguous_inputs(device, backend):
+    n, emb, block, classes = 40, 32, 8, 5
+    hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, device=device)
+    # Views with a stride of 2 along the last dimension (and transposed storage for hs).
+    strided = lambda x: torch.stack([x, x], -1)[..., 0]  # noqa: E731
+    hs_nc = strided(hs.T).T
+    ts_nc, w_nc, b_nc, y_nc = strided(ts), strided(weight), strided(bias), strided(labels)
+    assert not any(x.is_contiguous() for x in (hs_nc, ts_nc, w_nc, b_nc, y_nc))
+    kw = dict(block_size=block, symmetric=True, backend=backend)
+    got = run_fused(backend, *leaves(hs_nc, ts_nc, w_nc, b_nc), y_nc, block_size=block, symmetric=True)
+    want = run_fused(backend, *leaves(hs, ts, weight, bias), labels, block_size=block, symmetric=True)
+    for a, e in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+        assert_close(a, e, torch.float32, "non-contiguous")
+    logits = ncrl_kernels.group_bilinear(hs_nc, ts_nc, w_nc, b_nc, **kw)
+    assert_close(logits, want[1], torch.float32, "non-contiguous head")
+    value = ncrl_kernels.ncrl_loss(logits.T.contiguous().T, y_nc, backend=backend)
+    assert_close(value, want[0], torch.float32, "non-contiguous loss")
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_bitwise_deterministic(device, backend, symmetric):
+    hs, ts, weight, bias, labels = make_head_inputs(300, 32, 8, 5, device=device)
+    first, second = (run_fused(backend, *leaves(hs, ts, weight, bias), labels, block_size=8, symmetric=symmetric)
+                     for _ in range(2))
+    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_labels", [-1, 0, 1, 3, 100])
+def test_predict(device, num_labels):
+    logits = make_logits(50, 9, device=device)
+    logits[0] = 0.0  # all tied with the threshold: no relation
+    logits[1, 0] = -100.0  # everything above the threshold
+    got = ncrl_kernels.predict(logits, num_labels=num_labels)
+    want = reference.predict(logits.cpu().double(), num_labels)
+    assert got.dtype == logits.dtype and got.device.type == device
+    assert torch.equal(got.cpu().double(), want)
+    assert (got.sum(1) >= 1).all() and got[0].tolist() == [1.0] + [0.0] * 8
+    if num_labels > 0:
+        assert (got[:, 1:].sum(1) <= num_labels).all()

@@ -1,0 +1,56 @@
+"""nn.Module wrappers: ATLOP's bilinear weights load, results equal the functional API."""
+import pytest
+import torch
+from torch import nn
+
+import ncrl_kernels
+from ncrl_kernels import reference
+
+from conftest import all_backends, make_head_inputs, make_logits, make_labels
+
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_group_bilinear_loads_atlop_bilinear(device, backend):
+    emb, block, classes = 32, 8, 5
+    atlop_bilinear = nn.Linear(emb * block, classes).to(device)  # ATLOP: self.bilinear
+    head = ncrl_kernels.GroupBilinear(emb, block, classes, backend=backend, device=device)
+    head.load_state_dict(atlop_bilinear.state_dict(), strict=True)
+    hs, ts, *_ = make_head_inputs(9, emb, block, classes, device=device)
+    b1, b2 = hs.view(9, emb // block, block), ts.view(9, emb // block, block)
+    want = atlop_bilinear((b1.unsqueeze(3) * b2.unsqueeze(2)).view(9, emb * block))
+    torch.testing.assert_close(head(hs, ts), want, rtol=1e-4, atol=1e-5)
+
+
+def test_group_bilinear_initialises_like_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(64 * 8, 7)
+    torch.manual_seed(0)
+    head = ncrl_kernels.GroupBilinear(64, 8, 7)
+    assert torch.equal(head.weight, linear.weight) and torch.equal(head.bias, linear.bias)
+    assert ncrl_kernels.GroupBilinear(64, 8, 7, bias=False).bias is None
+    with pytest.raises(ValueError, match="divisible"):
+        ncrl_kernels.GroupBilinear(60, 8, 7)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_head_loss_module_matches_functional(device, backend):
+    emb, block, classes = 32, 8, 5
+    module = ncrl_kernels.GroupBilinearLoss(emb, block, classes, symmetric=True, gamma=0.05, backend=backend,
+                                            device=device)
+    hs, ts, _, _, labels = make_head_inputs(11, emb, block, classes, device=device)
+    loss, logits = module(hs, ts, labels, return_logits=True)
+    want = ncrl_kernels.fused_ncrl(hs, ts, module.weight, module.bias, labels, block_size=block, symmetric=True,
+                                   gamma=0.05, backend=backend)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(module(hs, ts), logits)
+    loss.backward()
+    assert module.weight.grad is not None and module.bias.grad is not None
+
+
+def test_ncrloss_module():
+    logits, labels = make_logits(8, 4), make_labels(8, 4)
+    module = ncrl_kernels.NCRLoss(gamma=0.05, margin_reg=False, reduction="sum")
+    torch.testing.assert_close(module(logits, labels), reference.ncrl_loss(logits, labels, 0.05, False, "sum"))
+    assert "gamma=0.05" in repr(module)

@@ -1,0 +1,112 @@
+"""The registered operators: torch.library.opcheck (schema, fake kernels, autograd registration,
+AOT dispatch), torch.compile(fullgraph=True) through every backend, and autocast."""
+import pytest
+import torch
+
+import ncrl_kernels
+from ncrl_kernels import _extension
+
+from conftest import all_backends, assert_close, fp64, fused_backends, leaves, make_head_inputs, make_logits
+
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
+
+def extension_devices():
+    return [pytest.param(dev, id=dev, marks=[pytest.mark.gpu] if dev == "cuda" else [])
+            for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+            if _extension.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())]
+
+
+@pytest.mark.parametrize("device", extension_devices())
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_extension_ops(device, symmetric, reduction):
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
+    hs, ts, weight, bias = leaves(hs, ts, weight, bias)
+    ops = torch.ops.ncrl_kernels
+    torch.library.opcheck(ops.head_forward, (hs, ts, weight, bias, 4, symmetric))
+    torch.library.opcheck(ops.head_forward, (hs, ts, weight, None, 4, symmetric))
+    grad = make_logits(20, 5, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops.head_backward, (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, True, True))
+    torch.library.opcheck(ops.head_backward, (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, False, True))
+    for loss in ("ncrl", "atl", "bce"):
+        logits = make_logits(20, 5, dtype=torch.float64, device=device).requires_grad_()
+        torch.library.opcheck(ops.loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
+        torch.library.opcheck(ops.fused_forward,
+                              (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05, True, reduction))
+
+
+@pytest.mark.parametrize("device", extension_devices())
+def test_extension_gradcheck(device):
+    hs, ts, weight, bias, labels = make_head_inputs(7, 8, 4, 3, dtype=torch.float64, device=device)
+    args = leaves(hs, ts, weight, bias)
+    for symmetric in (False, True):
+        fn = lambda h, t, w, b: ncrl_kernels.fused_ncrl(  # noqa: E731
+            h, t, w, b, labels, block_size=4, symmetric=symmetric, gamma=0.05, reduction="none", backend="cpp"
+            if device == "cpu" else "cuda")
+        assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph(device, backend, dynamic):
+    torch._dynamo.reset()
+    hs, ts, weight, bias, labels = make_head_inputs(24, 32, 8, 5, device=device)
+
+    def step(hs, ts, weight, bias, labels):
+        loss, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=8, gamma=0.05,
+                                               return_logits=True, backend=backend)
+        head = ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=8, backend=backend)
+        return loss + ncrl_kernels.atl_loss(head, labels, backend=backend), ncrl_kernels.predict(logits)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    eager_args, compiled_args = leaves(hs, ts, weight, bias), leaves(hs, ts, weight, bias)
+    want, want_pred = step(*eager_args, labels)
+    got, got_pred = compiled(*compiled_args, labels)
+    assert_close(got, want, torch.float32, "compiled loss")
+    assert torch.equal(got_pred, want_pred)
+    for a, e in zip(torch.autograd.grad(got, compiled_args), torch.autograd.grad(want, eager_args)):
+        assert_close(a, e, torch.float32, "compiled grad")
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_compile_inductor(device, backend):
+    """The default torch.compile backend (Inductor) around the fused op, as in a training step."""
+    torch._dynamo.reset()
+    hs, ts, weight, bias, labels = make_head_inputs(24, 32, 8, 5, device=device)
+    fn = lambda *a: ncrl_kernels.fused_ncrl(*a, labels, block_size=8, backend=backend)  # noqa: E731
+    args = leaves(hs, ts, weight, bias)
+    got = torch.compile(fn, fullgraph=True)(*args)
+    got.backward()
+    want_args = fp64(hs, ts, weight, bias)
+    want = ncrl_kernels.fused_ncrl(*want_args, labels, block_size=8, backend="reference")
+    want.backward()
+    assert_close(got, want, torch.float32, "inductor loss")
+    for a, e in zip(args, want_args):
+        assert_close(a.grad, e.grad, torch.float32, "inductor grad")
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_autocast_bf16(device, backend):
+    """Under autocast the head runs in bf16 and the loss in fp32 (ATLOP's loss_fnt(logits.float()));
+    gradients come back in the parameters' fp32."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter has no bf16")
+    hs, ts, weight, bias, labels = make_head_inputs(30, 32, 8, 5, device=device)
+    args = leaves(hs, ts, weight, bias)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss, logits = ncrl_kernels.fused_ncrl(*args, labels, block_size=8, return_logits=True, backend=backend)
+        head = ncrl_kernels.group_bilinear(*args, block_size=8, backend=backend)
+        loss_only = ncrl_kernels.ncrl_loss(head, labels, backend=backend)
+    assert loss.dtype == torch.float32 and loss_only.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16 and head.dtype == torch.bfloat16
+    grads = torch.autograd.grad(loss, args)
+    assert all(g.dtype == torch.float32 for g in grads)
+    # The reference on the same bf16-rounded inputs, in fp64.
+    want_args = fp64(*(x.to(torch.bfloat16) for x in (hs, ts, weight)), bias)
+    want = ncrl_kernels.fused_ncrl(*want_args, labels.cpu(), block_size=8, backend="reference")
+    want_grads = torch.autograd.grad(want, want_args)
+    assert_close(loss, want, torch.bfloat16, "autocast loss")
+    assert_close(loss_only, want, torch.bfloat16, "autocast loss on bf16 logits")
+    for a, e in zip(grads, want_grads):
+        assert_close(a, e, torch.bfloat16, "autocast grad")

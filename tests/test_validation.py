@@ -1,0 +1,155 @@
+"""Every bad input of SPEC.md gets a ValueError/TypeError naming the argument, before any kernel
+runs, whichever backend is asked for."""
+import pytest
+import torch
+
+import ncrl_kernels
+from ncrl_kernels import _extension
+
+from conftest import all_backends, make_head_inputs, make_logits
+
+N, E, B, C = 6, 16, 4, 3
+
+
+@pytest.fixture
+def good():
+    hs, ts, weight, bias, labels = make_head_inputs(N, E, B, C)
+    return dict(hs=hs, ts=ts, weight=weight, bias=bias, labels=labels)
+
+
+def fused(args, backend, **kw):
+    return ncrl_kernels.fused_ncrl(args["hs"], args["ts"], args["weight"], args["bias"], args["labels"],
+                                   block_size=kw.pop("block_size", B), backend=backend, **kw)
+
+
+def head(args, backend, **kw):
+    return ncrl_kernels.group_bilinear(args["hs"], args["ts"], args["weight"], args["bias"],
+                                       block_size=kw.pop("block_size", B), backend=backend, **kw)
+
+
+BAD_HEAD_INPUTS = [
+    pytest.param("ts", lambda a: a["ts"][:, :8], ValueError, "same shape", id="hs-ts-shape"),
+    pytest.param("ts", lambda a: a["ts"][:-1], ValueError, "same shape", id="hs-ts-rows"),
+    pytest.param("weight", lambda a: a["weight"][:, :-1], ValueError, "weight", id="weight-shape"),
+    pytest.param("weight", lambda a: a["weight"].T, ValueError, "weight", id="weight-transposed"),
+    pytest.param("bias", lambda a: a["bias"][:-1], ValueError, "bias", id="bias-shape"),
+    pytest.param("hs", lambda a: a["hs"].long(), TypeError, "hs", id="hs-int"),
+    pytest.param("ts", lambda a: a["ts"].to(torch.complex64), TypeError, "ts", id="ts-complex"),
+    pytest.param("weight", lambda a: a["weight"].int(), TypeError, "weight", id="weight-int"),
+    pytest.param("bias", lambda a: a["bias"].long(), TypeError, "bias", id="bias-int"),
+    pytest.param("hs", lambda a: a["hs"].double(), TypeError, "dtype", id="mixed-dtypes"),
+    pytest.param("hs", lambda a: a["hs"][0], ValueError, "hs", id="hs-1d"),
+    pytest.param("hs", lambda a: a["hs"].tolist(), TypeError, "hs", id="hs-list"),
+    pytest.param("bias", lambda a: a["bias"].to("meta"), ValueError, "device", id="bias-other-device"),
+    pytest.param("ts", lambda a: a["ts"].to("meta"), ValueError, "device", id="ts-other-device"),
+]
+
+BAD_LABELS = [
+    pytest.param(lambda a: a["labels"][:, :-1], ValueError, "labels", id="labels-shape"),
+    pytest.param(lambda a: a["labels"].argmax(1), ValueError, "multi-hot", id="labels-class-index"),
+    pytest.param(lambda a: a["labels"].to(torch.complex64), TypeError, "labels", id="labels-complex"),
+    pytest.param(lambda a: a["labels"].to("meta"), ValueError, "labels", id="labels-other-device"),
+    pytest.param(lambda a: a["labels"].tolist(), TypeError, "labels", id="labels-list"),
+]
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("arg,corrupt,error,match", BAD_HEAD_INPUTS)
+def test_bad_head_inputs(device, backend, good, arg, corrupt, error, match):
+    good = {k: v.to(device) for k, v in good.items()}
+    good[arg] = corrupt(good)
+    with pytest.raises(error, match=match):
+        head(good, backend)
+    with pytest.raises(error, match=match):
+        fused(good, backend)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_block_size_must_divide_emb(device, backend, good):
+    good = {k: v.to(device) for k, v in good.items()}
+    for fn in (head, fused):
+        with pytest.raises(ValueError, match="block_size"):
+            fn(good, backend, block_size=5)
+        with pytest.raises(ValueError, match="block_size"):
+            fn(good, backend, block_size=0)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("corrupt,error,match", BAD_LABELS)
+def test_bad_labels(device, backend, good, corrupt, error, match):
+    good = {k: v.to(device) for k, v in good.items()}
+    labels = corrupt(good)
+    with pytest.raises(error, match=match):
+        fused({**good, "labels": labels}, backend)
+    for fn in (ncrl_kernels.ncrl_loss, ncrl_kernels.atl_loss, ncrl_kernels.bce_loss):
+        with pytest.raises(error, match=match):
+            fn(make_logits(N, C, device=device), labels, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_bad_loss_arguments(device, backend, good):
+    good = {k: v.to(device) for k, v in good.items()}
+    logits = make_logits(N, C, device=device)
+    for gamma in (-0.1, 1.0, 1.5, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="gamma"):
+            fused(good, backend, gamma=gamma)
+        with pytest.raises(ValueError, match="gamma"):
+            ncrl_kernels.ncrl_loss(logits, good["labels"], gamma=gamma, backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        fused(good, backend, reduction="avg")
+    with pytest.raises(ValueError, match="reduction"):
+        ncrl_kernels.atl_loss(logits, good["labels"], reduction="batchmean", backend=backend)
+    with pytest.raises(ValueError, match="loss"):
+        fused(good, backend, loss="focal")
+    with pytest.raises(TypeError, match="logits"):
+        ncrl_kernels.bce_loss(logits.long(), good["labels"], backend=backend)
+    with pytest.raises(ValueError, match="2 classes"):
+        ncrl_kernels.ncrl_loss(logits[:, :1], good["labels"][:, :1], backend=backend)
+
+
+def test_unknown_backend(good):
+    with pytest.raises(ValueError, match="backend"):
+        fused(good, "mkl")
+    with pytest.raises(ValueError, match="backend"):
+        ncrl_kernels.ncrl_loss(make_logits(N, C), good["labels"], backend=None)
+
+
+def test_backend_that_cannot_run_says_why(good, monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' runs on CUDA tensors"):
+            fused(good, "cuda")
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: simulated")
+    with pytest.raises(ValueError, match="not built.*pip install"):
+        fused(good, "cpp")
+    assert ncrl_kernels.available_backends("cpu")[0] == "reference"
+    assert "cpp" not in ncrl_kernels.available_backends("cpu")
+    # "auto" falls back to the reference.
+    assert torch.isfinite(fused(good, "auto"))
+
+
+def test_predict_arguments():
+    with pytest.raises(TypeError, match="logits"):
+        ncrl_kernels.predict(make_logits(N, C).long())
+    with pytest.raises(TypeError, match="num_labels"):
+        ncrl_kernels.predict(make_logits(N, C), num_labels=2.5)
+    with pytest.raises(ValueError, match="logits"):
+        ncrl_kernels.predict(make_logits(N, C)[0])
+
+
+def test_available_backends_on_cpu():
+    names = ncrl_kernels.available_backends("cpu")
+    assert names == ["reference", "cpp"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_validation_never_syncs_the_gpu(good):
+    good = {k: v.cuda() for k, v in good.items()}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for backend in ncrl_kernels.available_backends("cuda"):
+            with pytest.raises(ValueError):
+                fused({**good, "labels": good["labels"][:, :-1]}, backend)
+            fused(good, backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
