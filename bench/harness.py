@@ -1,0 +1,148 @@
+"""Measurement helpers of the benchmarks: timing quantiles, peak extra memory, CSV rows.
+
+Peak extra memory is what a step allocates on top of what already exists when it starts
+(inputs, parameters, and in "bwd" mode the forward's saved tensors):
+- CUDA: torch.cuda.max_memory_allocated() after a reset, minus memory_allocated() before.
+- CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
+  minus its resident set before. glibc is told to return large blocks to the OS at once
+  (mallopt M_MMAP_THRESHOLD), so freed tensors leave the resident set and the figure tracks
+  live memory.
+"""
+import csv
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+CSV_COLUMNS = ["kernel", "provider", "mode", "dtype", "n_pairs", "emb", "block", "classes", "ms_p50", "ms_p20",
+               "ms_p80", "peak_mem_mib", "device", "commit", "timestamp"]
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device):
+    """File-name-safe machine name: the GPU model, or the CPU model and thread count."""
+    if device.type == "cuda":
+        raw = torch.cuda.get_device_name(device)
+    else:
+        raw = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                raw = re.search(r"model name\s*:\s*(.+)", f.read()).group(1)
+        except (OSError, AttributeError):
+            pass
+        raw = f"cpu {raw} {torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+def git_commit():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CpuMemory:
+    """Peak resident memory of this process, resettable (Linux)."""
+
+    M_MMAP_THRESHOLD = -3
+
+    def __init__(self):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(self.M_MMAP_THRESHOLD, 1 << 16)
+        except OSError:
+            pass
+        self.supported = os.path.exists("/proc/self/clear_refs")
+
+    @staticmethod
+    def _status_mib(key):
+        with open("/proc/self/status") as f:
+            return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) / 1024
+
+    def start(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        return self._status_mib("VmRSS")
+
+    def peak_since(self, start):
+        return self._status_mib("VmHWM") - start
+
+
+_CPU_MEMORY = None
+
+
+def peak_extra_mib(fn, device, setup=None):
+    """Run `fn` once (after `setup`, not measured) and return the extra peak memory in MiB."""
+    global _CPU_MEMORY
+    state = setup() if setup else None
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(state)
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if _CPU_MEMORY is None:
+        _CPU_MEMORY = CpuMemory()
+    if not _CPU_MEMORY.supported:
+        return float("nan")
+    start = _CPU_MEMORY.start()
+    fn(state)
+    return _CPU_MEMORY.peak_since(start)
+
+
+def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, warmup=2):
+    """Median, 20th and 80th percentile wall time of `fn(setup())` in ms (setup not timed).
+
+    Runs at least `min_reps` times and more while under `budget_s` seconds (up to `max_reps`)."""
+    for _ in range(warmup):
+        fn(setup() if setup else None)
+    synchronize(device)
+    times, spent = [], 0.0
+    while len(times) < min_reps or (spent < budget_s and len(times) < max_reps):
+        state = setup() if setup else None
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn(state)
+        synchronize(device)
+        elapsed = time.perf_counter() - t0
+        times.append(elapsed * 1e3)
+        spent += elapsed
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def append_rows(rows, device, results_dir=RESULTS_DIR):
+    """Append rows (dicts with CSV_COLUMNS) to results/<device>.csv; returns the path."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{device_name(device)}.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def timestamp():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

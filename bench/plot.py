@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Plots of the benchmark CSVs: time and peak extra memory against N, per mode and dtype.
+
+    python bench/plot.py                      # every bench/results/*.csv -> <device>-<dtype>.png
+    python bench/plot.py path/to/file.csv
+
+For each (provider, mode, dtype, N) the newest row is plotted (rows are appended run after run).
+"""
+import argparse
+import csv
+import glob
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+STYLE = {"eager": "o-", "compiled": "s-", "gemm-bound": "kx:"}
+
+
+def newest_rows(path):
+    latest = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
+            if key not in latest or row["timestamp"] >= latest[key]["timestamp"]:
+                latest[key] = row
+    return list(latest.values())
+
+
+def plot_file(path):
+    rows = newest_rows(path)
+    outputs = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        fig, axes = plt.subplots(2, len(MODES), figsize=(5 * len(MODES), 8), squeeze=False)
+        for col, mode in enumerate(MODES):
+            for provider in sorted({r["provider"] for r in rows}):
+                sel = sorted((r for r in rows if r["provider"] == provider and r["mode"] == mode
+                              and r["dtype"] == dtype), key=lambda r: int(r["n_pairs"]))
+                if not sel:
+                    continue
+                n = [int(r["n_pairs"]) for r in sel]
+                style = STYLE.get(provider, "^-")
+                axes[0][col].plot(n, [float(r["ms_p50"]) for r in sel], style, label=provider)
+                if provider != "gemm-bound":  # its memory is the pre-built feature's GEMM outputs
+                    axes[1][col].plot(n, [float(r["peak_mem_mib"]) for r in sel], style, label=provider)
+            axes[0][col].set_title(f"{mode} ({dtype})")
+            axes[0][col].set_ylabel("median time (ms)")
+            axes[1][col].set_ylabel("peak extra memory (MiB)")
+            for ax in (axes[0][col], axes[1][col]):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("entity pairs N")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=8)
+        device = rows[0]["device"]
+        fig.suptitle(f"group-bilinear head + NCRL, E={rows[0]['emb']} B={rows[0]['block']} "
+                     f"C={rows[0]['classes']} on {device}")
+        fig.tight_layout()
+        out = os.path.join(os.path.dirname(path), f"{device}-{dtype}.png")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        outputs.append(out)
+    return outputs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", nargs="*", help="default: bench/results/*.csv")
+    args = p.parse_args(argv)
+    paths = args.csv or sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "*.csv")))
+    for path in paths:
+        for out in plot_file(path):
+            print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""The main benchmark (`make bench`): ATLOP's head + NCRL loss, DocRED-shaped (E=768, B=64, C=97).
+
+Every fused backend available on the device against the unfused eager reference (ATLOP's code
+path: the [N, E*B] feature is built) and torch.compile of it, plus `gemm-bound` (the three GEMMs
+of forward, dW and dX on a pre-built feature: the floor for the same FLOPs, not a usable method).
+Modes: fwd (training forward), bwd (backward of a finished forward), fwd_bwd. Prints a table,
+checks every provider's loss against eager's, and appends rows to bench/results/<device>.csv.
+
+    python bench/run.py                       # CPU defaults: N = 512 2048 4096, fp32, + N=16384 fused
+    python bench/run.py --device cuda --n 1024 4096 16384 --dtypes fp32 bf16
+"""
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import ncrl_kernels  # noqa: E402
+
+KERNEL = "group_bilinear_ncrl"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "bwd", "fwd_bwd")
+# DocRED: ~97% of entity pairs have no relation; the rest have one or two.
+POSITIVE_PAIR_RATE = 0.03
+
+
+@dataclasses.dataclass
+class Case:
+    hs: torch.Tensor
+    ts: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: torch.Tensor
+    block: int
+
+    @property
+    def params(self):
+        return (self.hs, self.ts, self.weight, self.bias)
+
+
+def make_case(n, emb, block, classes, device, seed=0):
+    """fp32 leaves (as ATLOP's parameters and tanh outputs are); bf16 runs under autocast."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.rand(n, emb, generator=g) * 2 - 1
+    ts = torch.rand(n, emb, generator=g) * 2 - 1
+    bound = 1 / math.sqrt(emb * block)  # nn.Linear's init range
+    weight = (torch.rand(classes, emb * block, generator=g) * 2 - 1) * bound
+    bias = (torch.rand(classes, generator=g) * 2 - 1) * bound
+    labels = torch.zeros(n, classes)
+    positive = torch.rand(n, generator=g) < POSITIVE_PAIR_RATE
+    labels[positive, torch.randint(1, classes, (n,), generator=g)[positive]] = 1.0
+    labels[:, 0] = (~positive).float()
+    leaf = lambda x: x.to(device).requires_grad_()  # noqa: E731
+    return Case(leaf(hs), leaf(ts), leaf(weight), leaf(bias), labels.to(device), block)
+
+
+def loss_provider(backend, compiled=False):
+    def step(hs, ts, weight, bias, labels, block):
+        return ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=block, backend=backend)
+
+    if compiled:
+        step = torch.compile(step, dynamic=False)
+    return lambda case: step(*case.params, case.labels, case.block)
+
+
+def providers_for(device):
+    names = ["eager", "compiled", "gemm-bound"]
+    for backend in ncrl_kernels.available_backends(device):
+        # The Triton interpreter (TRITON_INTERPRET=1 on a CPU) is a debugging tool, not a provider.
+        if backend != "reference" and not (backend == "triton" and device.type == "cpu"):
+            names.append(f"fused-{backend}")
+    return names
+
+
+def make_step(provider):
+    if provider == "eager":
+        return loss_provider("reference")
+    if provider == "compiled":
+        return loss_provider("reference", compiled=True)
+    return loss_provider(provider.removeprefix("fused-"))
+
+
+def bench_loss_provider(step, case, mode, device, autocast_dtype, reps, seconds):
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def clear():
+        for p in case.params:
+            p.grad = None
+
+    def forward():
+        with autocast():
+            return step(case)
+
+    if mode == "fwd":
+        setup, fn = clear, lambda _: forward()
+    elif mode == "bwd":
+        setup, fn = lambda: (clear(), forward())[1], lambda loss: loss.backward()
+    else:
+        setup, fn = clear, lambda _: forward().backward()
+    timing = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=seconds)
+    return timing, harness.peak_extra_mib(fn, device, setup)
+
+
+def bench_gemm_bound(case, mode, device, dtype, reps, seconds):
+    """The three GEMMs of the head on a pre-built [N, E*B] feature, in the compute dtype."""
+    n, emb = case.hs.shape
+    with torch.no_grad():
+        feats = (case.hs.view(n, -1, case.block, 1) * case.ts.view(n, -1, 1, case.block)).reshape(n, -1).to(dtype)
+        weight = case.weight.detach().to(dtype)
+        grad = torch.randn(n, weight.shape[0], device=device, dtype=dtype)
+
+    def fn(_):
+        if mode in ("fwd", "fwd_bwd"):
+            feats @ weight.T
+        if mode in ("bwd", "fwd_bwd"):
+            grad.T @ feats  # d weight
+            grad @ weight  # d feature
+
+    with torch.no_grad():
+        timing = harness.time_ms(fn, device, min_reps=reps, budget_s=seconds)
+        return timing, harness.peak_extra_mib(fn, device)
+
+
+def check_against_eager(case, providers, device, autocast_dtype):
+    """Every loss provider must agree with eager before its time means anything."""
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    values = {}
+    with torch.no_grad():
+        for name, step in providers.items():
+            with autocast():
+                values[name] = step(case).item()
+    rtol = 2e-2 if autocast_dtype else 1e-3
+    for name, value in values.items():
+        if not math.isclose(value, values["eager"], rel_tol=rtol):
+            raise SystemExit(f"{name} loss {value:.6f} != eager {values['eager']:.6f} (rtol {rtol}): not benchmarking")
+
+
+def run(args):
+    device = torch.device(args.device)
+    providers = args.providers or providers_for(device)
+    steps = {p: make_step(p) for p in providers if p != "gemm-bound"}
+    rows, commit, stamp = [], harness.git_commit(), harness.timestamp()
+    cases = [(n, providers) for n in args.n]
+    if args.large_n:
+        cases.append((args.large_n, [p for p in providers if p.startswith("fused-")]))
+    print(f"device {harness.device_name(device)}  commit {commit}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}  E={args.emb} B={args.block} C={args.classes}")
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        autocast_dtype = None if dtype == torch.float32 else dtype
+        for n, names in cases:
+            case = make_case(n, args.emb, args.block, args.classes, device)
+            if "eager" in names:
+                check_against_eager(case, {p: steps[p] for p in names if p in steps}, device, autocast_dtype)
+            modes = args.modes if n != args.large_n else ["fwd_bwd"]
+            reps = args.reps if n != args.large_n else 2
+            for mode in modes:
+                for provider in names:
+                    if provider == "gemm-bound":
+                        (p50, p20, p80), mem = bench_gemm_bound(case, mode, device, dtype, reps, args.seconds)
+                    else:
+                        (p50, p20, p80), mem = bench_loss_provider(steps[provider], case, mode, device,
+                                                                    autocast_dtype, reps, args.seconds)
+                    rows.append(dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n,
+                                     emb=args.emb, block=args.block, classes=args.classes, ms_p50=round(p50, 3),
+                                     ms_p20=round(p20, 3), ms_p80=round(p80, 3), peak_mem_mib=round(mem, 1),
+                                     device=harness.device_name(device), commit=commit, timestamp=stamp))
+                    print(f"  {dtype_name:5s} N={n:6d} {mode:8s} {provider:14s} {p50:10.2f} ms "
+                          f"[{p20:.2f}, {p80:.2f}]  {mem:9.1f} MiB", flush=True)
+            del case
+    path = harness.append_rows(rows, device, args.results)
+    print_summary(rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+def print_summary(rows):
+    """Per (dtype, N, mode): each fused provider against eager and compiled."""
+    key = lambda r: (r["dtype"], r["n_pairs"], r["mode"])  # noqa: E731
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r["provider"]] = r
+    print("\nsummary (time ratio = other / fused, higher is better; memory = fused / eager)")
+    for (dtype, n, mode), by in groups.items():
+        for name, r in by.items():
+            if not name.startswith("fused-"):
+                continue
+            parts = [f"{dtype:5s} N={n:6d} {mode:8s} {name:14s} {r['ms_p50']:9.1f} ms"]
+            for other in ("eager", "compiled"):
+                if other in by:
+                    parts.append(f"{by[other]['ms_p50'] / r['ms_p50']:5.2f}x vs {other}")
+            if "gemm-bound" in by:
+                parts.append(f"{r['ms_p50'] / by['gemm-bound']['ms_p50']:5.2f}x gemm-bound time")
+            if "eager" in by and by["eager"]["peak_mem_mib"] > 0:
+                parts.append(f"mem {100 * r['peak_mem_mib'] / by['eager']['peak_mem_mib']:5.1f}% of eager")
+            parts.append(f"({r['peak_mem_mib']:.0f} MiB)")
+            print("  " + "  ".join(parts))
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--n", type=int, nargs="+", help="pair counts (default: CPU 512 2048 4096; CUDA 1024 4096 16384)")
+    p.add_argument("--large-n", type=int, help="extra N run by the fused providers only, fwd_bwd, twice "
+                   "(default on the CPU: 16384, where eager would need ~10 GiB; 0 to skip)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: CPU fp32; CUDA fp32 bf16 "
+                   "(bf16 = torch.autocast with fp32 parameters, as ATLOP trains)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--providers", nargs="+", help="default: every provider available on the device")
+    p.add_argument("--reps", type=int, default=5, help="minimum timed repetitions")
+    p.add_argument("--seconds", type=float, default=3.0, help="keep repeating (up to 100) while under this time")
+    p.add_argument("--emb", type=int, default=768)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--classes", type=int, default=97)
+    p.add_argument("--results", default=harness.RESULTS_DIR, help="directory of the CSV files")
+    args = p.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.n = args.n or ([1024, 4096, 16384] if on_cuda else [512, 2048, 4096])
+    args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+    if args.large_n is None:
+        args.large_n = 0 if on_cuda else 16384
+    return args
+
+
+if __name__ == "__main__":
+    run(parse_args())

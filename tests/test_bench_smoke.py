@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end (tiny shapes): rows with the documented columns, a
+correctness check against eager, and plots. Timings themselves are never asserted."""
+import csv
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import harness  # noqa: E402
+import plot  # noqa: E402
+import run  # noqa: E402
+
+
+def test_bench_run_and_plot(tmp_path):
+    args = run.parse_args(["--device", "cpu", "--n", "8", "24", "--large-n", "40", "--reps", "2", "--seconds", "0", "--emb", "16",
+                           "--block", "4", "--classes", "5", "--results", str(tmp_path)])
+    rows = run.run(args)
+    (path,) = tmp_path.glob("*.csv")
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == harness.CSV_COLUMNS
+        written = list(reader)
+    assert len(written) == len(rows)
+    providers = {r["provider"] for r in written}
+    assert {"eager", "compiled", "gemm-bound", "fused-cpp"} <= providers
+    assert {r["mode"] for r in written} == {"fwd", "bwd", "fwd_bwd"}
+    large = [r for r in written if r["n_pairs"] == "40"]
+    assert large and all(r["provider"].startswith("fused-") and r["mode"] == "fwd_bwd" for r in large)
+    assert all(float(r["ms_p50"]) > 0 and float(r["ms_p20"]) <= float(r["ms_p80"]) for r in written)
+    (png,) = plot.plot_file(str(path))
+    assert os.path.getsize(png) > 0
+
+
+def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
+    wrong = lambda case: run.make_step("eager")(case) * 1.1  # noqa: E731
+    monkeypatch.setattr(run, "make_step", lambda p: wrong if p == "fused-cpp" else run.loss_provider("reference"))
+    args = run.parse_args(["--device", "cpu", "--n", "8", "--large-n", "0", "--seconds", "0", "--emb", "16", "--block", "4",
+                           "--classes", "5", "--providers", "eager", "fused-cpp", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fused-cpp loss"):
+        run.run(args)
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    import torch
+
+    mib = harness.peak_extra_mib(lambda _: torch.ones(64 * 2**20 // 4).sum(), torch.device("cpu"))
+    assert 48 < mib < 200
