@@ -236,3 +236,17 @@ def test_predict(device, num_labels):
     assert (got.sum(1) >= 1).all() and got[0].tolist() == [1.0] + [0.0] * 8
     if num_labels > 0:
         assert (got[:, 1:].sum(1) <= num_labels).all()
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_symmetric_exact_ties_split_the_gradient(device, backend):
+    # ts == hs makes every product pair a tie (hs_i ts_j == hs_j ts_i exactly): each gets half of
+    # the feature's gradient, as torch.maximum does; the diagonal keeps its full gradient.
+    hs, _, weight, bias, labels = make_head_inputs(30, 32, 8, 5, device=device)
+    ts = hs.clone()
+    kw = dict(block_size=8, symmetric=True)
+    got = run_fused(backend, *leaves(hs, ts, weight, bias), labels, **kw)
+    want = run_fused("reference", *fp64(hs, ts, weight, bias), labels.cpu(), **kw)
+    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), (got[0], got[1], *got[2]),
+                          (want[0], want[1], *want[2])):
+        assert_close(a, e, torch.float32, f"{backend} ties {name}")

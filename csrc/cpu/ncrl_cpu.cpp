@@ -52,50 +52,43 @@ inline __attribute__((always_inline)) void build_features_impl(const T* h, const
   }
 }
 
-// d hs and d ts of one group for `rows` pairs from dX = d loss / d features ([rows, B, B]):
-//   dh_i = sum_j Q_ij ts_j,   dt_j = sum_i Q_ij hs_i
-// with Q = dX for the plain feature. For the symmetric feature max(a_ij, a_ji), a_ij = hs_i ts_j,
-// dX_ij flows to a_ij when it is the larger (half of it on a tie, as torch.maximum does) and the
-// rest to a_ji, so Q_ij = routed_ij + (dX_ji - routed_ji). `scratch` holds B*B values.
+// d hs and d ts of one group for `rows` pairs from Q = d loss / d (hs_i ts_j) ([rows, B, B]):
+//   dh_i = sum_j Q_ij ts_j,   dt_j = sum_i Q_ij hs_i.
+// Plain feature: Q = dX, the gradient of the feature, passed in `dfeat`.
+// Symmetric feature max(a_ij, a_ji), a_ij = hs_i ts_j: the product a_ij receives dX_ij when it is
+// the larger one in feature (i, j) and dX_ji when it is the larger one in feature (j, i); half of
+// each on a tie (as torch.maximum), so Q_ij = w_ij (dX_ij + dX_ji) with w_ij = 1, 1/2 or 0 as
+// a_ij >, =, < a_ji. The caller passes dfeat = dX + dX^T (one GEMM with the symmetrised weight).
+// On the diagonal w = 1/2 and dX + dX^T = 2 dX: the full gradient, as SPEC.md requires.
 template <typename T>
-inline __attribute__((always_inline)) void reduce_feature_grads_impl(const T* dX, const T* h, const T* t,
+inline __attribute__((always_inline)) void reduce_feature_grads_impl(const T* dfeat, const T* h, const T* t,
                                                                      int64_t ld, int64_t rows, int64_t B,
-                                                                     bool symmetric, T* dh, T* dt, T* scratch) {
-  const int64_t BB = B * B;
-  for (int64_t r = 0; r < rows; ++r, dX += BB) {
+                                                                     bool symmetric, T* dh, T* dt) {
+  for (int64_t r = 0; r < rows; ++r) {
     const T* hr = h + r * ld;
     const T* tr = t + r * ld;
     T* dhr = dh + r * ld;
     T* dtr = dt + r * ld;
-    const T* q = dX;
-    if (symmetric) {
-      T* routed = scratch;
-      for (int64_t i = 0; i < B; ++i) {
-        for (int64_t j = 0; j < B; ++j) {
-          const T a = hr[i] * tr[j], b = hr[j] * tr[i];
-          routed[i * B + j] = a > b ? dX[i * B + j] : (a < b ? T(0) : T(0.5) * dX[i * B + j]);
-        }
-      }
-      // In place: entry (i, j) reads routed_ij and routed_ji; walk the upper triangle and
-      // update both mirror entries at once.
-      for (int64_t i = 0; i < B; ++i) {
-        for (int64_t j = i; j < B; ++j) {
-          const T rij = routed[i * B + j], rji = routed[j * B + i];
-          routed[i * B + j] = rij + dX[j * B + i] - rji;
-          routed[j * B + i] = rji + dX[i * B + j] - rij;
-        }
-      }
-      q = routed;
-    }
     for (int64_t j = 0; j < B; ++j) dtr[j] = T(0);
-    for (int64_t i = 0; i < B; ++i) {
-      const T* qi = q + i * B;
+    for (int64_t i = 0; i < B; ++i, dfeat += B) {
+      const T hi = hr[i], ti = tr[i];
       T acc = T(0);
+      if (symmetric) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < B; ++j) acc += qi[j] * tr[j];
+        for (int64_t j = 0; j < B; ++j) {
+          const T a = hi * tr[j], b = hr[j] * ti;
+          const T q = a > b ? dfeat[j] : (a < b ? T(0) : T(0.5) * dfeat[j]);
+          acc += q * tr[j];
+          dtr[j] += q * hi;
+        }
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < B; ++j) {
+          acc += dfeat[j] * tr[j];
+          dtr[j] += dfeat[j] * hi;
+        }
+      }
       dhr[i] = acc;
-      const T hi = hr[i];
-      for (int64_t j = 0; j < B; ++j) dtr[j] += qi[j] * hi;
     }
   }
 }
@@ -108,14 +101,13 @@ void build_features(const double* h, const double* t, int64_t ld, int64_t rows, 
                     bool symmetric, double* out) {
   build_features_impl(h, t, ld, rows, B, i0, i1, symmetric, out);
 }
-NCRL_TARGET_CLONES void reduce_feature_grads(const float* dX, const float* h, const float* t, int64_t ld,
-                                             int64_t rows, int64_t B, bool symmetric, float* dh, float* dt,
-                                             float* scratch) {
-  reduce_feature_grads_impl(dX, h, t, ld, rows, B, symmetric, dh, dt, scratch);
+NCRL_TARGET_CLONES void reduce_feature_grads(const float* dfeat, const float* h, const float* t, int64_t ld,
+                                             int64_t rows, int64_t B, bool symmetric, float* dh, float* dt) {
+  reduce_feature_grads_impl(dfeat, h, t, ld, rows, B, symmetric, dh, dt);
 }
-void reduce_feature_grads(const double* dX, const double* h, const double* t, int64_t ld, int64_t rows, int64_t B,
-                          bool symmetric, double* dh, double* dt, double* scratch) {
-  reduce_feature_grads_impl(dX, h, t, ld, rows, B, symmetric, dh, dt, scratch);
+void reduce_feature_grads(const double* dfeat, const double* h, const double* t, int64_t ld, int64_t rows, int64_t B,
+                          bool symmetric, double* dh, double* dt) {
+  reduce_feature_grads_impl(dfeat, h, t, ld, rows, B, symmetric, dh, dt);
 }
 
 // A tensor as the kernels read it: contiguous, in the compute type, and detached, because the
@@ -171,17 +163,22 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
   const T* h = in.hs.data_ptr<T>();
   const T* t = in.ts.data_ptr<T>();
   if (dhs.defined()) {
+    // Symmetric: W + W^T within each class's B x B blocks, so that one GEMM gives dX + dX^T.
+    at::Tensor w = in.weight;
+    if (symmetric) {
+      const at::Tensor blocks = w.view({s.classes, s.groups, s.block, s.block});
+      w = (blocks + blocks.transpose(2, 3)).reshape({s.classes, s.emb * s.block});
+    }
     at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor dfeat = at::empty({tile, BB}, grad.options());
-      std::vector<T> scratch(BB);
       for (int64_t k = first; k < last; ++k) {
         const int64_t r0 = k * tile, rows = std::min(tile, s.n - r0);
         at::Tensor dx = dfeat.narrow(0, 0, rows);
         for (int64_t g = 0; g < s.groups; ++g) {
-          at::mm_out(dx, grad.narrow(0, r0, rows), in.weight.narrow(1, g * BB, BB));
+          at::mm_out(dx, grad.narrow(0, r0, rows), w.narrow(1, g * BB, BB));
           const int64_t col = r0 * s.emb + g * s.block;
           reduce_feature_grads(dfeat.data_ptr<T>(), h + col, t + col, s.emb, rows, s.block, symmetric,
-                               dhs.data_ptr<T>() + col, dts.data_ptr<T>() + col, scratch.data());
+                               dhs.data_ptr<T>() + col, dts.data_ptr<T>() + col);
         }
       }
     });
