@@ -38,6 +38,18 @@ def _implementation(name):
     return _LOADED[name]
 
 
+def _extension_reason(dispatch_key):
+    """Why the compiled extension cannot serve `dispatch_key` ("CPU", "CUDA"), or None."""
+    if _extension.LOAD_ERROR is not None:
+        return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
+    if not _extension.has_kernel(dispatch_key):
+        return (
+            f"the extension was built without {dispatch_key} kernels (CPU-only torch or no CUDA toolkit at "
+            f"build time); install a CUDA torch and the CUDA toolkit, then {_REBUILD}"
+        )
+    return None
+
+
 def unavailable_reason(name, device):
     """None if backend `name` can run on tensors of `device`, else a sentence saying why not."""
     kind = device.type
@@ -46,20 +58,11 @@ def unavailable_reason(name, device):
     if name == "cpp":
         if kind != "cpu":
             return f"'cpp' runs the C++ CPU kernels on CPU tensors, these are on {device}; use 'cuda' or 'triton'"
-        if _extension.LOAD_ERROR is not None:
-            return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
-        return None
+        return _extension_reason("CPU")
     if name == "cuda":
         if kind != "cuda":
             return f"'cuda' runs on CUDA tensors, these are on {device}"
-        if _extension.LOAD_ERROR is not None:
-            return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
-        if not _extension.has_kernel("CUDA"):
-            return (
-                "the extension was built without CUDA kernels (CPU-only torch or no CUDA toolkit at build "
-                f"time); install a CUDA torch and the CUDA toolkit, then {_REBUILD}"
-            )
-        return None
+        return _extension_reason("CUDA")
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
