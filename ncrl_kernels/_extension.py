@@ -14,11 +14,17 @@ except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+# Devices the extension has kernels for, read once: the dispatcher consults this on every call,
+# including inside torch.compile, which cannot trace the query itself.
+KERNEL_DEVICES = frozenset(
+    key for key in ("CPU", "CUDA")
+    if LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("ncrl_kernels::head_forward", key)
+)
+
+
 def has_kernel(dispatch_key):
     """Whether the extension registered kernels for a device ("CPU", "CUDA")."""
-    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ncrl_kernels::head_forward", dispatch_key
-    )
+    return dispatch_key in KERNEL_DEVICES
 
 
 def _loss_dtype(dtype):
