@@ -86,8 +86,10 @@ HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Ten
 }
 
 at::Tensor bias_logits(const HeadSizes& s, const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
-  if (!bias.has_value()) return at::zeros({s.n, s.classes}, options);
-  return bias->detach().to(options.dtype().toScalarType()).unsqueeze(0).expand({s.n, s.classes}).contiguous();
+  // Always a fresh tensor: the kernels add into it (for N == 1 a view of the bias would pass for
+  // contiguous, and the bias would be overwritten).
+  at::Tensor logits = at::empty({s.n, s.classes}, options);
+  return bias.has_value() ? logits.copy_(bias->detach().unsqueeze(0).expand_as(logits)) : logits.zero_();
 }
 
 LossBatch loss_batch(const at::Tensor& labels, c10::string_view loss, double gamma, bool margin_reg,
