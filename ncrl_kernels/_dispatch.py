@@ -51,7 +51,9 @@ def unavailable_reason(name, device):
         return None
     if name == "cuda":
         if kind != "cuda":
-            return f"'cuda' runs on CUDA tensors, these are on {device}"
+            return f"'cuda' runs on CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
         if _extension.LOAD_ERROR is not None:
             return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
         if not _extension.has_kernel("CUDA"):
