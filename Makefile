@@ -9,7 +9,7 @@ PIP := $(VPY) -m pip
 TORCH_CPU := torch==2.13.0
 EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install test bench plot clean
+.PHONY: install test bench plot clean check-cuda-build
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,11 @@ $(VENV)/.deps-stamp: | $(VPY)
 	$(PIP) install "setuptools>=64" ninja triton pytest pytest-benchmark matplotlib
 	touch $@
 
-# Editable install; rebuilt whenever the extension's sources or build files change.
+# Editable install; rebuilt whenever the extension's sources or build files change. The build log
+# goes to .venv/build.log (shown on failure); its line saying which kernels were built is printed.
 $(VENV)/.install-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || { tail -n 60 $(VENV)/build.log; exit 1; }
+	grep -h "ncrl_kernels: building" $(VENV)/build.log | sort -u || true
 	touch $@
 
 install: $(VENV)/.install-stamp
@@ -39,5 +41,22 @@ bench: install
 plot: install
 	$(VPY) bench/plot.py
 
+# Compile-and-link check of the CUDA kernels, for a machine without a GPU (nothing runs): its own
+# venv with the CUDA torch (from local disk), nvcc from CUDA_HOME (default /usr/local/cuda). See
+# tools/check_cuda_build.py; re-running reuses the venv and recompiles only what changed.
+CUDA_VENV := .venv-cuda
+CUDA_VPY := $(CUDA_VENV)/bin/python
+TORCH_CUDA := torch==2.14.1
+
+$(CUDA_VPY):
+	$(PYTHON) -m venv $(CUDA_VENV)
+
+$(CUDA_VENV)/.deps-stamp: | $(CUDA_VPY)
+	$(CUDA_VPY) -m pip install $(TORCH_CUDA) "setuptools>=64" ninja
+	touch $@
+
+check-cuda-build: $(CUDA_VENV)/.deps-stamp
+	$(CUDA_VPY) tools/check_cuda_build.py
+
 clean:
-	rm -rf build $(VENV) *.egg-info ncrl_kernels/_C*.so
+	rm -rf build $(VENV) $(CUDA_VENV) *.egg-info ncrl_kernels/_C*.so

@@ -1,4 +1,5 @@
-// Declarations shared by the operator schemas (ops.cpp), the CPU kernels and the CUDA kernels.
+// Declarations shared by the operator schemas and helpers (ops.cpp), the device-independent operator
+// bodies (device_ops.h), the CPU kernels and the CUDA kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +29,8 @@ struct HeadSizes {
 };
 HeadSizes check_head(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, int64_t block_size);
+// Multi-hot labels of n pairs and `classes` classes (C >= 2), on `device`.
+void check_labels(const at::Tensor& labels, int64_t n, int64_t classes, const at::Device& device);
 void check_loss_inputs(const at::Tensor& logits, const at::Tensor& labels);
 
 // Gradient scale of the loss rows: 1/N for "mean" (0 rows: any value, nothing is scaled).
@@ -35,18 +38,31 @@ double row_grad_scale(Reduction reduction, int64_t n);
 // Per-row losses [N] -> the reduced loss (mean divides by N, and is 0 when N == 0).
 at::Tensor reduce_rows(const at::Tensor& row_loss, Reduction reduction);
 
-// CPU kernels (csrc/cpu).
-at::Tensor head_forward_cpu(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t block_size, bool symmetric);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_backward_cpu(
-    const at::Tensor& grad_logits, const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
-    int64_t block_size, bool symmetric, bool input_grad, bool weight_grad);
-std::tuple<at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                    c10::string_view loss, double gamma, bool margin_reg,
-                                                    c10::string_view reduction);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
-    const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, int64_t block_size, bool symmetric, c10::string_view loss, double gamma,
-    bool margin_reg, c10::string_view reduction);
+// A tensor as the kernels read it: contiguous, in the compute type `ct`, and detached, because
+// the CPU kernels' ATen calls inside at::parallel_for run on worker threads that do not inherit the
+// dispatcher's below-autograd state, and out= ops refuse arguments that require grad.
+at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct);
+
+// hs, ts and weight as the head kernels read them (to_compute, in the compute type of hs).
+struct HeadInputs {
+  at::Tensor hs, ts, weight;
+};
+HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight);
+
+// Logits [N, C] with `options` (the compute type) holding the bias, or zeros: the head kernels add
+// the group-bilinear terms to them.
+at::Tensor bias_logits(const HeadSizes& s, const std::optional<at::Tensor>& bias, const at::TensorOptions& options);
+
+// The loss rows of a batch: what loss_row (loss_rows.h) reads and the outputs it fills.
+struct LossBatch {
+  LossParams params;
+  double grad_scale;    // multiplies d loss / d logits: 1/N for the mean reduction
+  at::Tensor labels;    // [N, C], contiguous, compute type
+  at::Tensor row_loss;  // [N], out
+  at::Tensor grad;      // [N, C], out: grad_scale * d loss / d logits
+};
+// Parses the loss arguments and allocates the outputs for `labels`' rows in the compute type `ct`.
+LossBatch loss_batch(const at::Tensor& labels, c10::string_view loss, double gamma, bool margin_reg,
+                     Reduction reduction, at::ScalarType ct);
 
 }  // namespace ncrl

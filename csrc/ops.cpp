@@ -1,5 +1,6 @@
 // Operator schemas of the extension (namespace ncrl_kernels) and the argument helpers shared by
-// the CPU and CUDA kernels. Autograd and fake (meta) kernels are registered from Python
+// the CPU and CUDA kernels. Each device registers its implementations next to its kernels
+// (csrc/cpu, csrc/cuda) from the device-independent operator bodies of device_ops.h. Autograd and fake (meta) kernels are registered from Python
 // (ncrl_kernels/_extension.py) with torch.library.register_autograd / register_fake.
 #include <Python.h>
 #include <torch/library.h>
@@ -45,12 +46,23 @@ HeadSizes check_head(const at::Tensor& hs, const at::Tensor& ts, const at::Tenso
   HeadSizes s{hs.size(0), hs.size(1), block_size, hs.size(1) / block_size, weight.size(0)};
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == s.emb * block_size, "weight must be [C, E*block_size]");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == s.classes), "bias must be [C]");
+  // The kernels read every input through raw pointers of one device.
+  TORCH_CHECK(ts.device() == hs.device() && weight.device() == hs.device() &&
+                  (!bias.has_value() || bias->device() == hs.device()),
+              "hs, ts, weight and bias must be on one device; move them with .to(hs.device)");
   return s;
 }
 
+void check_labels(const at::Tensor& labels, int64_t n, int64_t classes, const at::Device& device) {
+  TORCH_CHECK(classes >= 2, "need C >= 2 classes (the none class in column 0 and one relation), got C=", classes);
+  TORCH_CHECK(labels.sizes() == at::IntArrayRef({n, classes}), "labels must be [N, C] = [", n, ", ", classes,
+              "], got ", labels.sizes());
+  TORCH_CHECK(labels.device() == device, "labels must be on ", device, " like the scores, got ", labels.device());
+}
+
 void check_loss_inputs(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 2, "logits must be [N, C] with C >= 2");
-  TORCH_CHECK(labels.sizes() == logits.sizes(), "labels must have the shape of logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be [N, C], got ", logits.sizes());
+  check_labels(labels, logits.size(0), logits.size(1), logits.device());
 }
 
 double row_grad_scale(Reduction reduction, int64_t n) {
@@ -62,6 +74,29 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, Reduction reduction) {
   at::Tensor total = row_loss.sum();
   return reduction == Reduction::Mean ? total.div_(static_cast<double>(std::max<int64_t>(row_loss.size(0), 1)))
                                       : total;
+}
+
+at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct) {
+  return x.detach().to(ct).contiguous();
+}
+
+HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight) {
+  const auto ct = compute_type(hs.scalar_type());
+  return {to_compute(hs, ct), to_compute(ts, ct), to_compute(weight, ct)};
+}
+
+at::Tensor bias_logits(const HeadSizes& s, const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
+  // Always a fresh tensor: the kernels add into it (for N == 1 a view of the bias would pass for
+  // contiguous, and the bias would be overwritten).
+  at::Tensor logits = at::empty({s.n, s.classes}, options);
+  return bias.has_value() ? logits.copy_(bias->detach().unsqueeze(0).expand_as(logits)) : logits.zero_();
+}
+
+LossBatch loss_batch(const at::Tensor& labels, c10::string_view loss, double gamma, bool margin_reg,
+                     Reduction reduction, at::ScalarType ct) {
+  const LossParams params = parse_loss(loss, gamma, margin_reg);  // before any work on the device
+  const at::Tensor y = to_compute(labels, ct);
+  return {params, row_grad_scale(reduction, y.size(0)), y, at::empty({y.size(0)}, y.options()), at::empty_like(y)};
 }
 
 }  // namespace ncrl
@@ -81,11 +116,4 @@ TORCH_LIBRARY(ncrl_kernels, m) {
   m.def(
       "fused_forward(Tensor hs, Tensor ts, Tensor weight, Tensor? bias, Tensor labels, int block_size, "
       "bool symmetric, str loss, float gamma, bool margin_reg, str reduction) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(ncrl_kernels, CPU, m) {
-  m.impl("head_forward", &ncrl::head_forward_cpu);
-  m.impl("head_backward", &ncrl::head_backward_cpu);
-  m.impl("loss_forward", &ncrl::loss_forward_cpu);
-  m.impl("fused_forward", &ncrl::fused_forward_cpu);
 }

@@ -61,7 +61,9 @@ def unavailable_reason(name, device):
         return _extension_reason("CPU")
     if name == "cuda":
         if kind != "cuda":
-            return f"'cuda' runs on CUDA tensors, these are on {device}"
+            return f"'cuda' runs on CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
         return _extension_reason("CUDA")
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 

@@ -194,6 +194,20 @@ def test_labels_never_mutated(device, backend, loss):
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
+@pytest.mark.parametrize("n", [1, 20])
+def test_inputs_never_mutated(device, backend, n):
+    """N == 1 included: there a [1, C] view of the bias passes for contiguous [N, C] logits."""
+    hs, ts, weight, bias, labels = make_head_inputs(n, 32, 8, 5, device=device)
+    params = leaves(hs, ts, weight, bias)
+    before = [p.detach().clone() for p in params]
+    value = ncrl_kernels.fused_ncrl(*params, labels, block_size=8, backend=backend)
+    logits = ncrl_kernels.group_bilinear(*params, block_size=8, backend=backend)
+    (value + logits.sum()).backward()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
 def test_non_contiguous_inputs(device, backend):
     n, emb, block, classes = 40, 32, 8, 5
     hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, device=device)

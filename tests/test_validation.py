@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ncrl_kernels
-from ncrl_kernels import _extension
+from ncrl_kernels import _dispatch, _extension
 
 from conftest import all_backends, make_head_inputs, make_logits
 
@@ -139,6 +139,13 @@ def test_predict_arguments():
 def test_available_backends_on_cpu():
     names = ncrl_kernels.available_backends("cpu")
     assert names == ["reference", "cpp"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_backend_without_gpu_says_why():
+    assert "cuda" not in ncrl_kernels.available_backends("cuda")
+    reason = _dispatch.unavailable_reason("cuda", torch.device("cuda"))
+    assert "no CUDA GPU" in reason or "without CUDA kernels" in reason
 
 
 @pytest.mark.gpu

@@ -7,10 +7,12 @@
 //   d hs, d ts     parallel over pair tiles: dX = grad @ W_g, reduced against ts / hs per pair
 //   d weight       parallel over (group, feature-row chunk) units, each looping over all pair tiles
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
-#include "../common.h"
+#include "../device_ops.h"
+#include "../features.h"
 
 // The per-pair loops below are where the time outside BLAS goes; on x86-64 GCC/Clang they are
 // compiled twice (AVX2+FMA and baseline) and the loader picks the one the CPU supports.
@@ -44,7 +46,7 @@ inline __attribute__((always_inline)) void build_features_impl(const T* h, const
     for (int64_t i = i0; i < i1; ++i, out += B) {
       const T hi = hr[i], ti = tr[i];
       if (symmetric) {
-        for (int64_t j = 0; j < B; ++j) out[j] = std::max(hi * tr[j], hr[j] * ti);
+        for (int64_t j = 0; j < B; ++j) out[j] = symmetric_feature(hi * tr[j], hr[j] * ti);
       } else {
         for (int64_t j = 0; j < B; ++j) out[j] = hi * tr[j];
       }
@@ -55,11 +57,8 @@ inline __attribute__((always_inline)) void build_features_impl(const T* h, const
 // d hs and d ts of one group for `rows` pairs from Q = d loss / d (hs_i ts_j) ([rows, B, B]):
 //   dh_i = sum_j Q_ij ts_j,   dt_j = sum_i Q_ij hs_i.
 // Plain feature: Q = dX, the gradient of the feature, passed in `dfeat`.
-// Symmetric feature max(a_ij, a_ji), a_ij = hs_i ts_j: the product a_ij receives dX_ij when it is
-// the larger one in feature (i, j) and dX_ji when it is the larger one in feature (j, i); half of
-// each on a tie (as torch.maximum), so Q_ij = w_ij (dX_ij + dX_ji) with w_ij = 1, 1/2 or 0 as
-// a_ij >, =, < a_ji. The caller passes dfeat = dX + dX^T (one GEMM with the symmetrised weight).
-// On the diagonal w = 1/2 and dX + dX^T = 2 dX: the full gradient, as SPEC.md requires.
+// Symmetric feature: the caller passes dfeat = dX + dX^T (one GEMM with W + W^T) and Q is routed
+// by symmetric_product_grad (features.h).
 template <typename T>
 inline __attribute__((always_inline)) void reduce_feature_grads_impl(const T* dfeat, const T* h, const T* t,
                                                                      int64_t ld, int64_t rows, int64_t B,
@@ -76,8 +75,7 @@ inline __attribute__((always_inline)) void reduce_feature_grads_impl(const T* df
       if (symmetric) {
 #pragma omp simd reduction(+ : acc)
         for (int64_t j = 0; j < B; ++j) {
-          const T a = hi * tr[j], b = hr[j] * ti;
-          const T q = a > b ? dfeat[j] : (a < b ? T(0) : T(0.5) * dfeat[j]);
+          const T q = symmetric_product_grad(hi * tr[j], hr[j] * ti, dfeat[j]);
           acc += q * tr[j];
           dtr[j] += q * hi;
         }
@@ -110,35 +108,15 @@ void reduce_feature_grads(const double* dfeat, const double* h, const double* t,
   reduce_feature_grads_impl(dfeat, h, t, ld, rows, B, symmetric, dh, dt);
 }
 
-// A tensor as the kernels read it: contiguous, in the compute type, and detached, because the
-// ATen calls inside at::parallel_for run on worker threads that do not inherit the dispatcher's
-// below-autograd state, and out= ops refuse arguments that require grad.
-at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct) {
-  return x.detach().to(ct).contiguous();
-}
-
-struct HeadInputs {
-  at::Tensor hs, ts, weight;
-};
-HeadInputs to_compute(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight) {
-  const auto ct = compute_type(hs.scalar_type());
-  return {to_compute(hs, ct), to_compute(ts, ct), to_compute(weight, ct)};
-}
-
-// logits (compute type, [N, C]) = bias + sum_g features_g @ W_g^T; after each pair tile,
-// `epilogue(first_row, rows)` runs on that tile's finished logits (the fused loss).
+// logits (compute type, [N, C], holding the bias) += sum_g features_g @ W_g^T; after each pair
+// tile, `epilogue(first_row, rows)` runs on that tile's finished logits (the fused loss).
 template <typename T, typename Epilogue>
-void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, const std::optional<at::Tensor>& bias,
-                        bool symmetric, at::Tensor& logits, const Epilogue& epilogue) {
+void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits,
+                        const Epilogue& epilogue) {
   const int64_t tile = pair_tile(s.n), BB = s.features();
   const int64_t num_tiles = (s.n + tile - 1) / tile;
   const T* h = in.hs.data_ptr<T>();
   const T* t = in.ts.data_ptr<T>();
-  if (bias.has_value()) {
-    logits.copy_(bias->detach().to(logits.scalar_type()).unsqueeze(0).expand_as(logits));
-  } else {
-    logits.zero_();
-  }
   at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
     at::Tensor features = at::empty({tile, BB}, logits.options());
     for (int64_t k = first; k < last; ++k) {
@@ -203,92 +181,48 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
   }
 }
 
-// Loss rows [first, first + rows) of (logits, labels), both contiguous in the compute type.
+// Loss rows [first, first + rows) of `logits` (contiguous, compute type) into `loss`.
 template <typename T>
-void loss_rows(const LossParams& p, const at::Tensor& logits, const at::Tensor& labels, T scale, int64_t first,
-               int64_t rows, at::Tensor& row_loss, at::Tensor& grad) {
+void loss_row_range(const at::Tensor& logits, LossBatch& loss, int64_t first, int64_t rows) {
   const int64_t C = logits.size(1);
+  const T scale = static_cast<T>(loss.grad_scale);
   const T* f = logits.data_ptr<T>() + first * C;
-  const T* y = labels.data_ptr<T>() + first * C;
-  T* g = grad.data_ptr<T>() + first * C;
-  T* l = row_loss.data_ptr<T>() + first;
-  for (int64_t r = 0; r < rows; ++r) l[r] = loss_row<T>(p, f + r * C, y + r * C, C, scale, g + r * C);
+  const T* y = loss.labels.data_ptr<T>() + first * C;
+  T* g = loss.grad.data_ptr<T>() + first * C;
+  T* l = loss.row_loss.data_ptr<T>() + first;
+  for (int64_t r = 0; r < rows; ++r) l[r] = loss_row<T>(loss.params, f + r * C, y + r * C, C, scale, g + r * C);
 }
+
+// The CPU kernels of DeviceOps (device_ops.h).
+struct CpuKernels {
+  static void head_forward(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits,
+                           LossBatch* loss) {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "head_forward_cpu", [&] {
+      head_forward_tiles<scalar_t>(s, in, symmetric, logits, [&](int64_t first, int64_t rows) {
+        if (loss != nullptr) loss_row_range<scalar_t>(logits, *loss, first, rows);
+      });
+    });
+  }
+
+  static void head_backward(const HeadSizes& s, const HeadInputs& in, const at::Tensor& grad, bool symmetric,
+                            at::Tensor& dhs, at::Tensor& dts, at::Tensor& dweight) {
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "head_backward_cpu", [&] {
+      head_backward_tiles<scalar_t>(s, in, grad, symmetric, dhs, dts, dweight);
+    });
+  }
+
+  static void loss_rows(const at::Tensor& logits, LossBatch& loss) {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "loss_forward_cpu", [&] {
+      at::parallel_for(0, logits.size(0), 256, [&](int64_t first, int64_t last) {
+        loss_row_range<scalar_t>(logits, loss, first, last - first);
+      });
+    });
+  }
+};
 
 }  // namespace
-
-at::Tensor head_forward_cpu(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t block_size, bool symmetric) {
-  const HeadSizes s = check_head(hs, ts, weight, bias, block_size);
-  const HeadInputs in = to_compute(hs, ts, weight);
-  at::Tensor logits = at::empty({s.n, s.classes}, in.hs.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "head_forward_cpu", [&] {
-    head_forward_tiles<scalar_t>(s, in, bias, symmetric, logits, [](int64_t, int64_t) {});
-  });
-  return logits.to(hs.scalar_type());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_backward_cpu(
-    const at::Tensor& grad_logits, const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
-    int64_t block_size, bool symmetric, bool input_grad, bool weight_grad) {
-  const HeadSizes s = check_head(hs, ts, weight, std::nullopt, block_size);
-  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef({s.n, s.classes}), "grad_logits must be [N, C]");
-  const HeadInputs in = to_compute(hs, ts, weight);
-  const at::Tensor grad = to_compute(grad_logits, in.hs.scalar_type());
-  at::Tensor dhs, dts, dweight;
-  if (input_grad) {
-    dhs = at::empty_like(in.hs);
-    dts = at::empty_like(in.ts);
-  }
-  if (weight_grad) dweight = at::zeros_like(in.weight);
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "head_backward_cpu", [&] {
-    head_backward_tiles<scalar_t>(s, in, grad, symmetric, dhs, dts, dweight);
-  });
-  // Outputs not asked for are fresh empty tensors (outputs must not alias each other).
-  const auto none = [&] { return hs.new_empty({0}); };
-  return {input_grad ? dhs.to(hs.scalar_type()) : none(), input_grad ? dts.to(ts.scalar_type()) : none(),
-          weight_grad ? dweight.to(weight.scalar_type()) : none(),
-          weight_grad ? grad.sum(0) : grad.new_empty({0})};
-}
-
-std::tuple<at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                    c10::string_view loss, double gamma, bool margin_reg,
-                                                    c10::string_view reduction) {
-  check_loss_inputs(logits, labels);
-  const LossParams p = parse_loss(loss, gamma, margin_reg);
-  const Reduction red = parse_reduction(reduction);
-  const auto ct = compute_type(logits.scalar_type());
-  const at::Tensor f = to_compute(logits, ct), y = to_compute(labels, ct);
-  const int64_t n = f.size(0);
-  at::Tensor row_loss = at::empty({n}, f.options()), grad = at::empty_like(f);
-  AT_DISPATCH_FLOATING_TYPES(ct, "loss_forward_cpu", [&] {
-    const scalar_t scale = static_cast<scalar_t>(row_grad_scale(red, n));
-    at::parallel_for(0, n, 256, [&](int64_t first, int64_t last) {
-      loss_rows<scalar_t>(p, f, y, scale, first, last - first, row_loss, grad);
-    });
-  });
-  return {reduce_rows(row_loss, red), grad};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
-    const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, int64_t block_size, bool symmetric, c10::string_view loss, double gamma,
-    bool margin_reg, c10::string_view reduction) {
-  const HeadSizes s = check_head(hs, ts, weight, bias, block_size);
-  TORCH_CHECK(s.classes >= 2 && labels.sizes() == at::IntArrayRef({s.n, s.classes}), "labels must be [N, C], C >= 2");
-  const LossParams p = parse_loss(loss, gamma, margin_reg);
-  const Reduction red = parse_reduction(reduction);
-  const HeadInputs in = to_compute(hs, ts, weight);
-  const at::Tensor y = to_compute(labels, in.hs.scalar_type());
-  at::Tensor logits = at::empty({s.n, s.classes}, in.hs.options());
-  at::Tensor row_loss = at::empty({s.n}, logits.options()), grad = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "fused_forward_cpu", [&] {
-    const scalar_t scale = static_cast<scalar_t>(row_grad_scale(red, s.n));
-    head_forward_tiles<scalar_t>(s, in, bias, symmetric, logits, [&](int64_t first, int64_t rows) {
-      loss_rows<scalar_t>(p, logits, y, scale, first, rows, row_loss, grad);
-    });
-  });
-  return {reduce_rows(row_loss, red), logits.to(hs.scalar_type()), grad};
-}
-
 }  // namespace ncrl
+
+TORCH_LIBRARY_IMPL(ncrl_kernels, CPU, m) {
+  ncrl::DeviceOps<ncrl::CpuKernels>::register_impls(m);
+}

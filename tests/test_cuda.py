@@ -1,0 +1,112 @@
+"""CUDA-specific checks of the "cuda" backend; the backend matrix (test_backends.py) covers the math
+on small shapes. Here: several pair tiles and odd block sizes against the reference, bitwise
+determinism across tiles, memory bounded by the pair tile, launches on the current stream without
+synchronising it (CUDA graph capture), another device than the current one, and the C++ device
+checks of direct op calls. Skipped without a GPU or without the extension's CUDA kernels."""
+import pytest
+import torch
+
+import ncrl_kernels
+
+from conftest import leaves, make_head_inputs
+from test_backends import check_fused, run_fused
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.usefixtures("ieee_fp32"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or "cuda" not in ncrl_kernels.available_backends("cuda"),
+        reason="needs a CUDA device and the extension built with its CUDA kernels",
+    ),
+]
+
+MiB = 1 << 20
+
+# (N, E, B, C). The CUDA kernels tile pairs so that one [tile, B*B] feature slice holds 32 MiB.
+SHAPES = [
+    pytest.param((5000, 64, 64, 7), id="3-tiles-fp32-5-tiles-fp64"),
+    pytest.param((200, 320, 320, 3), id="B320-more-than-a-block-of-threads"),
+    pytest.param((37, 72, 24, 5), id="B24-partial-warp-3-groups"),
+    pytest.param((3, 4, 1, 2), id="B1"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_tiles_and_block_sizes_match_reference(shape, symmetric):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        check_fused("cuda", "cuda", shape, dtype, symmetric=symmetric, gamma=0.05)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_bitwise_deterministic_across_tiles(symmetric):
+    hs, ts, weight, bias, labels = make_head_inputs(5000, 64, 64, 7, device="cuda")
+    first, second = (run_fused("cuda", *leaves(hs, ts, weight, bias), labels, block_size=64, symmetric=symmetric)
+                     for _ in range(2))
+    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+        assert torch.equal(a, b)
+
+
+def test_memory_bounded_by_pair_tile():
+    """N = 16384, E = 256, B = 64: the [N, E*B] fp32 feature eager builds is 1 GiB (and its
+    gradient another); the fused forward + backward needs the 32 MiB tile workspace, [N, C] logits
+    and gradient rows, the [N, E] input gradients and cuBLAS' workspace."""
+    n, emb, block, classes = 16384, 256, 64, 97
+    hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, device="cuda")
+    # Warm up so that cuBLAS' handle and workspace exist before measuring.
+    run_fused("cuda", *leaves(hs[:64], ts[:64], weight, bias), labels[:64], block_size=block)
+    params = leaves(hs, ts, weight, bias)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ncrl_kernels.fused_ncrl(*params, labels, block_size=block, backend="cuda").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    feature_bytes = n * emb * block * 4
+    assert extra < 256 * MiB, f"peak extra memory {extra / MiB:.0f} MiB (the eager feature alone: {feature_bytes / MiB:.0f} MiB)"
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_captured_in_cuda_graph_on_side_stream(symmetric):
+    """Graph capture fails on any launch outside the capturing stream and on any synchronisation,
+    so a captured replay that matches eager shows the kernels run on the current stream and never
+    sync it."""
+    hs, ts, weight, bias, labels = make_head_inputs(3000, 64, 64, 7, device="cuda")
+    ops = torch.ops.ncrl_kernels
+
+    def step():
+        loss, logits, dlogits = ops.fused_forward(hs, ts, weight, bias, labels, 64, symmetric, "ncrl", 0.05, True,
+                                                  "mean")
+        return (loss, logits, *ops.head_backward(dlogits, hs, ts, weight, 64, symmetric, True, True))
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up on the side stream (cuBLAS handle, allocator), as capture requires
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_another_device_than_the_current():
+    current = torch.cuda.current_device()
+    other = (current + 1) % torch.cuda.device_count()
+    check_fused(f"cuda:{other}", "cuda", (300, 64, 16, 9), torch.float32, symmetric=True)
+    assert torch.cuda.current_device() == current
+
+
+def test_direct_op_calls_check_devices():
+    hs, ts, weight, bias, labels = make_head_inputs(10, 16, 4, 3, device="cuda")
+    ops = torch.ops.ncrl_kernels
+    with pytest.raises(RuntimeError, match="labels must be on"):
+        ops.fused_forward(hs, ts, weight, bias, labels.cpu(), 4, False, "ncrl", 0.0, True, "mean")
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        ops.head_forward(hs, ts, weight.cpu(), bias, 4, False)

@@ -1,0 +1,180 @@
+"""Compile-and-link check of the CUDA kernels on a machine without a GPU (`make check-cuda-build`).
+
+Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .venv-cuda). It
+
+1. builds a wheel of this project with pip, with nvcc from CUDA_HOME (default /usr/local/cuda) and
+   the CUDA headers of torch's nvidia wheels (nvidia/cu<major>/include) on CPATH;
+2. checks that the build log says it built the CUDA kernels;
+3. installs the wheel into the venv and, in a fresh interpreter outside the source tree, checks that
+   the extension loads and registered CPU and CUDA kernels for every operator;
+4. checks with cuobjdump that the library holds a cubin for every architecture of
+   TORCH_CUDA_ARCH_LIST (setup.py's default when unset) and PTX for the "+PTX" ones.
+
+Nothing runs on a GPU. The full build log is <venv>/ncrl-cuda-build.log; the build objects stay in
+build/ so a second run only recompiles what changed. Exits non-zero saying what failed.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = sys.prefix
+OPS = ("head_forward", "head_backward", "loss_forward", "fused_forward")
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # setup.py's default
+
+
+def fail(message):
+    sys.exit(f"check-cuda-build: FAILED: {message}")
+
+
+def nvidia_include(cuda_major):
+    """nvidia/cu<major>/include of torch's CUDA wheels in this venv (cuBLAS, cuSPARSE... headers
+    that a minimal toolkit lacks), or None."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for base in nvidia.__path__:
+        path = os.path.join(base, f"cu{cuda_major}", "include")
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def build_env(torch_cuda):
+    env = dict(os.environ)
+    cuda_home = env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    if not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        fail(f"no nvcc in CUDA_HOME={cuda_home}; set CUDA_HOME to a CUDA {torch_cuda} toolkit")
+    env["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + env.get("PATH", "")
+    include = nvidia_include(torch_cuda.split(".")[0])
+    if include is not None:
+        env["CPATH"] = include + (os.pathsep + env["CPATH"] if env.get("CPATH") else "")
+    env.setdefault("MAX_JOBS", "2")
+    env.pop("NCRL_KERNELS_CPU_ONLY", None)
+    return env
+
+
+def build_wheel(env):
+    dist = os.path.join(VENV, "ncrl-cuda-dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    log_path = os.path.join(VENV, "ncrl-cuda-build.log")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", dist, ROOT]
+    print(f"check-cuda-build: building (CPATH={env.get('CPATH', '')}, MAX_JOBS={env['MAX_JOBS']}); log: {log_path}",
+          flush=True)
+    with open(log_path, "w") as log:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path) as log:
+        text = log.read()
+    if result.returncode != 0:
+        print(text[-6000:])
+        fail(f"the build failed (exit {result.returncode}); full log in {log_path}")
+    announced = sorted(set(re.findall(r"ncrl_kernels: building .*", text)))
+    for line in announced:
+        print(f"check-cuda-build: build log: {line}")
+    if not any("CUDA kernels" in line for line in announced):
+        fail(f"setup.py did not build the CUDA kernels (see the line above and {log_path})")
+    wheels = glob.glob(os.path.join(dist, "ncrl_kernels-*.whl"))
+    if len(wheels) != 1:
+        fail(f"expected one wheel in {dist}, found {wheels}")
+    return wheels[0]
+
+
+def installed_extension(wheel):
+    """Install the wheel and load it in a fresh interpreter outside the source tree (so that the
+    in-tree package cannot shadow it); returns what that interpreter saw."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel], check=True)
+    probe = f"""
+import json, torch
+from ncrl_kernels import _extension
+missing = [f"{{op}} ({{key}})" for op in {OPS!r} for key in ("CPU", "CUDA")
+           if _extension.LOAD_ERROR is not None
+           or not torch._C._dispatch_has_kernel_for_dispatch_key("ncrl_kernels::" + op, key)]
+print(json.dumps({{"load_error": _extension.LOAD_ERROR, "missing": missing, "torch": torch.__version__,
+                  "library": getattr(getattr(_extension, "_C", None), "__file__", None)}}))
+"""
+    with tempfile.TemporaryDirectory() as outside:
+        result = subprocess.run([sys.executable, "-c", probe], cwd=outside, capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"importing the installed package failed:\n{result.stderr[-3000:]}")
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    if seen["load_error"] is not None:
+        fail(f"the installed extension does not load: {seen['load_error']}")
+    if seen["missing"]:
+        fail(f"operators without a kernel: {', '.join(seen['missing'])}")
+    return seen
+
+
+def find_cuobjdump(env):
+    """cuobjdump of the toolkit, else on PATH, else the copy that ships in Triton's wheel (a
+    dependency of CUDA torch; minimal toolkits lack cuobjdump)."""
+    candidates = [os.path.join(env["CUDA_HOME"], "bin", "cuobjdump"), shutil.which("cuobjdump", path=env["PATH"])]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    fail("no cuobjdump (not in CUDA_HOME/bin, on PATH or in triton); install nvidia-cuda-cuobjdump")
+
+
+def cuobjdump_output(cuobjdump, option, library):
+    result = subprocess.run([cuobjdump, option, library], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"cuobjdump {option} {library} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def check_device_code(library, env):
+    """A cubin per requested architecture, PTX for the '+PTX' ones, and every __global__ kernel of
+    csrc/cuda in the device code; returns the device code found ("sm_80 cubin", ...)."""
+    cuobjdump = find_cuobjdump(env)
+    listing = cuobjdump_output(cuobjdump, "--list-elf", library) + cuobjdump_output(cuobjdump, "--list-ptx", library)
+    found = sorted(set(re.findall(r"\.(sm_\w+)\.(cubin|ptx)\b", listing)))
+    wanted = []
+    for entry in re.split(r"[;\s]+", env.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        if match is None:
+            continue  # a named arch ("Hopper"): torch expands it; at least one cubin is still required
+        arch = "sm_" + match.group(1) + match.group(2) + match.group(3)
+        wanted.append((arch, "cubin"))
+        if match.group(4):
+            wanted.append((arch, "ptx"))
+    missing = [" ".join(code) for code in wanted if code not in found]
+    if missing or not any(kind == "cubin" for _, kind in found):
+        fail(f"device code missing in {library}: {missing or 'no cubin at all'}\n{listing}")
+    symbols = cuobjdump_output(cuobjdump, "--dump-elf-symbols", library)
+    kernels = set()
+    for source in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        with open(source) as f:
+            kernels.update(re.findall(r"__global__\s+void\s+(\w+)", f.read()))
+    absent = sorted(k for k in kernels if k not in symbols)
+    if not kernels or absent:
+        fail(f"kernels of csrc/cuda missing from the device code: {absent or 'none found in the sources'}")
+    return [" ".join(code) for code in found], sorted(kernels)
+
+
+def main():
+    import torch
+
+    if torch.version.cuda is None:
+        fail(f"{sys.executable} has torch {torch.__version__}, a CPU build; run it in a venv with a CUDA torch")
+    env = build_env(torch.version.cuda)
+    wheel = build_wheel(env)
+    seen = installed_extension(wheel)
+    code, kernels = check_device_code(seen["library"], env)
+    print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
+          f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
+          f"kernels: {', '.join(kernels)}. Compiled and linked only: no kernel was run.")
+
+
+if __name__ == "__main__":
+    main()
