@@ -251,12 +251,13 @@ def synthetic_docs(num_docs, *, seed=0, title_prefix="doc"):
         rng.shuffle(pairs)
         used_pairs = set()
         for _ in range(rng.randint(2, 4)):
-            # Three statements in four state relations; the rest put a pair together without one.
+            # Each statement is about a new pair; three in four state relations, the rest put a
+            # pair together without one.
             fitting = {(h, t): [r for r, (_, ht, tt, _, _) in SYNTHETIC_RELATIONS.items() if (ht, tt) == (types[h], types[t])]
                        for h, t in pairs if frozenset((h, t)) not in used_pairs}
-            related = [pair for pair, relations in fitting.items() if relations]
             if not fitting:
                 break
+            related = [pair for pair, relations in fitting.items() if relations]
             if related and rng.random() < 0.75:
                 h, t = related[0]
                 multi = [(rs, p) for rs, p in _MULTI_PATTERNS if set(rs) <= set(fitting[h, t])]
