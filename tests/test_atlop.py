@@ -144,10 +144,12 @@ def test_config_needs_atlop_attributes(corpus):
         DocREModel(config, encoder, EMB, BLOCK)
 
 
-def test_long_documents_use_two_overlapping_windows(corpus):
+@pytest.mark.parametrize("end_count", [1, 2], ids=["bert", "roberta"])
+def test_long_documents_use_two_overlapping_windows(corpus, end_count):
     """A 700-token document next to a 100-token one, checked against ATLOP's definition: window 1
-    = its first 511 tokens + [SEP], window 2 = [CLS] + its last 511 tokens; hidden states averaged
-    where both windows see a position, attention of both added and rows renormalised."""
+    = its first 512 - len(end_tokens) tokens + the end tokens ([SEP], or </s></s> for RoBERTa),
+    window 2 = [CLS] + its last 511 tokens; hidden states averaged where both windows see a
+    position, attention of both added and rows renormalised."""
     _, tokenizer, rel2id, _ = corpus
     _, encoder = tiny_bert(tokenizer, len(rel2id), max_position_embeddings=WINDOW)
     encoder = use_eager_attention(encoder).eval()
@@ -163,13 +165,14 @@ def test_long_documents_use_two_overlapping_windows(corpus):
     mask[0], mask[1, :short_len] = 1.0, 1.0
 
     with torch.no_grad():
-        hidden, attention = process_long_input(encoder, ids, mask, [cls], [sep])
+        hidden, attention = process_long_input(encoder, ids, mask, [cls], [sep] * end_count)
 
         def encode(window_ids):
             out = encoder(input_ids=window_ids[None], output_attentions=True)
             return out.last_hidden_state[0], out.attentions[-1][0]
 
-        hidden1, att1 = encode(torch.cat([ids[0, :WINDOW - 1], torch.tensor([sep])]))
+        head_end = WINDOW - end_count  # document positions [0, head_end) come from window 1
+        hidden1, att1 = encode(torch.cat([ids[0, :head_end], torch.tensor([sep] * end_count)]))
         hidden2, att2 = encode(torch.cat([torch.tensor([cls]), ids[0, long_len - WINDOW + 1:]]))
         short_hidden, short_att = encode(ids[1, :short_len])
 
@@ -178,17 +181,17 @@ def test_long_documents_use_two_overlapping_windows(corpus):
     tol = {"rtol": 1e-5, "atol": 1e-5}
     # Positions only window 1 sees, both see, only window 2 sees.
     torch.testing.assert_close(hidden[0, :tail_start], hidden1[:tail_start], **tol)
-    torch.testing.assert_close(hidden[0, tail_start:WINDOW - 1],
-                               (hidden1[tail_start:WINDOW - 1] + hidden2[1:WINDOW - tail_start]) / 2, **tol)
-    torch.testing.assert_close(hidden[0, WINDOW - 1:], hidden2[WINDOW - tail_start:], **tol)
-    # Attention: a row only window 1 sees is its window-1 row without the [SEP] column, renormalised.
-    row = att1[:, 5, :WINDOW - 1]
-    torch.testing.assert_close(attention[0, :, 5, :WINDOW - 1], row / row.sum(-1, keepdim=True), **tol)
-    assert attention[0, :, 5, WINDOW - 1:].abs().max() == 0
+    torch.testing.assert_close(hidden[0, tail_start:head_end],
+                               (hidden1[tail_start:head_end] + hidden2[1:head_end - tail_start + 1]) / 2, **tol)
+    torch.testing.assert_close(hidden[0, head_end:], hidden2[head_end - tail_start + 1:], **tol)
+    # Attention: a row only window 1 sees is its window-1 row without the end tokens, renormalised.
+    row = att1[:, 5, :head_end]
+    torch.testing.assert_close(attention[0, :, 5, :head_end], row / row.sum(-1, keepdim=True), **tol)
+    assert attention[0, :, 5, head_end:].abs().max() == 0
     # A row both windows see adds the two rows at their document positions.
     p = 300
     both = torch.zeros(2, long_len)
-    both[:, :WINDOW - 1] += att1[:, p, :WINDOW - 1]
+    both[:, :head_end] += att1[:, p, :head_end]
     both[:, tail_start:] += att2[:, p - tail_start + 1, 1:]
     torch.testing.assert_close(attention[0, :, p], both / both.sum(-1, keepdim=True), **tol)
     torch.testing.assert_close(attention[0].sum(-1), torch.ones(2, long_len), **tol)
