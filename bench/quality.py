@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: small ops, and spinning threads collapse on shared cores)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     return parser.parse_args(argv)
 
@@ -197,6 +199,7 @@ def write_results(rows, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = []
     start = time.perf_counter()
     for seed in range(args.seeds):
