@@ -242,7 +242,8 @@ def synthetic_docs(num_docs, *, seed=0, title_prefix="doc"):
     docs = []
     for doc_id in range(num_docs):
         types = [rng.choice(["PER", "PER", "ORG", "ORG", "LOC", "LOC", "TIME"]) for _ in range(rng.randint(4, 7))]
-        names = {kind: iter(rng.sample(pools[kind], types.count(kind))) for kind in set(types)}
+        # sorted: set order follows string hashing, which changes between processes.
+        names = {kind: iter(rng.sample(pools[kind], types.count(kind))) for kind in sorted(set(types))}
         entity_names = [next(names[kind]) for kind in types]
         sentences = []  # (pattern, slot -> entity index)
         facts = []  # (h, t, relation, sentence index)

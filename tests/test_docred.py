@@ -1,6 +1,9 @@
 """ncrl_kernels.docred against hand-built documents: ATLOP's features, the official metrics (dedup,
 Ign F1), to_official, and the synthetic corpus and tokenizer."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,6 +188,14 @@ def test_synthetic_docs_are_valid_deterministic_and_mostly_none():
         positive_pairs += len({(label["h"], label["t"]) for label in doc["labels"]})
     assert 0.03 < positive_pairs / pairs < 0.3  # most pairs are "Na", as in DocRED
     assert set(docred.build_rel2id(docs)) == {"Na", *docred.SYNTHETIC_RELATIONS}
+
+
+def test_synthetic_docs_do_not_depend_on_string_hashing():
+    """Same documents in every process, whatever PYTHONHASHSEED (set iteration order) is."""
+    code = "import json; from ncrl_kernels import docred; print(json.dumps(docred.synthetic_docs(30, seed=5)))"
+    outputs = {subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed),
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1
 
 
 def test_wordpiece_tokenizer_knows_the_marker():
