@@ -30,7 +30,8 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data (synthetic unless --train/--dev are given)")
     data.add_argument("--train", help="DocRED training file (e.g. train_annotated.json)")
     data.add_argument("--dev", help="DocRED dev file, scored with F1 and Ign F1 against --train")
-    data.add_argument("--rel2id", help="relation -> id JSON (DocRED's meta/rel2id.json); default: built from --train")
+    data.add_argument("--rel2id",
+                      help="relation -> id JSON (DocRED's meta/rel2id.json); default: built from the train and dev labels")
     data.add_argument("--max-seq-length", type=int, default=1024)
     data.add_argument("--train-docs", type=int, default=1500, help="synthetic training documents")
     data.add_argument("--dev-docs", type=int, default=200, help="synthetic dev documents")
@@ -73,7 +74,7 @@ def load_data(args):
     else:
         train_docs = docred.synthetic_docs(args.train_docs, seed=args.seed, title_prefix="train")
         dev_docs = docred.synthetic_docs(args.dev_docs, seed=args.seed + 1, title_prefix="dev")
-    rel2id = docred.load_json(args.rel2id) if args.rel2id else docred.build_rel2id(train_docs)
+    rel2id = docred.load_json(args.rel2id) if args.rel2id else docred.build_rel2id(train_docs, dev_docs)
 
     if args.model:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
