@@ -15,9 +15,12 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
 # Torch only when none is present (keeps a CUDA torch someone installed on purpose).
-$(VENV)/.deps-stamp: | $(VPY)
+# transformers, tokenizers, tqdm: the [atlop] extra, so its tests run (transformers needs no torch
+# of its own). Re-run when this Makefile changes, so existing venvs pick up new dependencies.
+$(VENV)/.deps-stamp: Makefile | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)
-	$(PIP) install "setuptools>=64" ninja triton pytest pytest-benchmark matplotlib
+	$(PIP) install "setuptools>=64" ninja triton pytest pytest-benchmark matplotlib \
+		"transformers>=4.57" tokenizers tqdm
 	touch $@
 
 # Editable install; rebuilt whenever the extension's sources or build files change. The build log

@@ -1,0 +1,214 @@
+"""ATLOP's document-level relation extraction model with the head and loss fused.
+
+:class:`DocREModel` is a drop-in for ``DocREModel`` of wzhouad/ATLOP's model.py: same constructor,
+parameter names (``model.*``, ``head_extractor``, ``tail_extractor``, ``bilinear``), forward
+arguments and outputs, so ATLOP (and NCRL) checkpoints load with ``strict=True``. The difference is
+the last step: ATLOP builds the ``[pairs, emb_size * block_size]`` group-bilinear feature and calls
+its loss on the logits; here :func:`ncrl_kernels.fused_ncrl` computes head and loss without that
+feature, with the NCRL loss by default (``loss="atl"`` gives ATLOP's own loss).
+
+Needs ``transformers`` (``pip install ncrl_kernels[atlop]``) only for the encoder you pass in.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from .modules import GroupBilinearLoss
+
+# BERT/RoBERTa see at most 512 positions; ATLOP encodes longer documents in two overlapping windows.
+WINDOW = 512
+
+__all__ = ["DocREModel", "process_long_input", "use_eager_attention"]
+
+
+def use_eager_attention(model):
+    """Switch a ``transformers`` encoder to the eager attention implementation, in place.
+
+    Localised context pooling reads the last layer's attention weights; the SDPA and flash kernels
+    that current ``transformers`` picks by default compute none (``output_attentions=True`` then
+    returns an empty tuple). Loading with ``attn_implementation="eager"`` does the same up front.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "eager") != "eager" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model
+
+
+def _encode(model, input_ids, attention_mask):
+    """Last hidden states ``[n, len, hidden]`` and last-layer attention ``[n, heads, len, len]``."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, return_dict=True)
+    attentions = output.attentions
+    if not attentions or attentions[-1] is None:
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", "unknown")
+        raise RuntimeError(
+            f"the encoder returned no attention weights (attention implementation {implementation!r}); "
+            "ATLOP's context pooling needs them: load it with attn_implementation='eager' or call "
+            "ncrl_kernels.atlop.use_eager_attention(model)"
+        )
+    return output.last_hidden_state, attentions[-1]
+
+
+def process_long_input(model, input_ids, attention_mask, start_tokens, end_tokens):
+    """ATLOP's long_seq.process_long_input: encode ``[n, c]`` token ids, ``c`` beyond 512 included.
+
+    A document of up to 512 tokens is encoded as it is. A longer one (length ``l``) is encoded as
+    two windows: its first ``512 - len(end_tokens)`` tokens closed by ``end_tokens``, and
+    ``start_tokens`` followed by its last ``512 - len(start_tokens)`` tokens. Hidden states are
+    averaged where the windows overlap; each window's attention is placed at its positions, the
+    two are added and every row is renormalised to sum to 1.
+
+    Returns ``(sequence_output [n, c, hidden], attention [n, heads, c, c])``.
+    """
+    n, c = input_ids.shape
+    if c <= WINDOW:
+        return _encode(model, input_ids, attention_mask)
+    start = torch.tensor(start_tokens).to(input_ids)
+    end = torch.tensor(end_tokens).to(input_ids)
+    len_start, len_end = len(start_tokens), len(end_tokens)
+    lengths = attention_mask.sum(1).int().tolist()
+
+    window_ids, window_masks, windows_per_doc = [], [], []
+    for i, length in enumerate(lengths):
+        if length <= WINDOW:
+            window_ids.append(input_ids[i, :WINDOW])
+            window_masks.append(attention_mask[i, :WINDOW])
+            windows_per_doc.append(1)
+        else:
+            window_ids += [torch.cat([input_ids[i, :WINDOW - len_end], end]),
+                           torch.cat([start, input_ids[i, length - WINDOW + len_start:length]])]
+            window_masks += [attention_mask[i, :WINDOW], attention_mask[i, length - WINDOW:length]]
+            windows_per_doc.append(2)
+    window_masks = torch.stack(window_masks)
+    hidden, attention = _encode(model, torch.stack(window_ids), window_masks)
+
+    doc_hidden, doc_attention = [], []
+    row = 0
+    for count, length in zip(windows_per_doc, lengths):
+        if count == 1:
+            doc_hidden.append(F.pad(hidden[row], (0, 0, 0, c - WINDOW)))
+            doc_attention.append(F.pad(attention[row], (0, c - WINDOW, 0, c - WINDOW)))
+        else:
+            # Window 1 keeps document positions [0, head_end) (its end tokens dropped); window 2
+            # keeps [tail_start, length) (its start tokens dropped).
+            head_end, tail_start = WINDOW - len_end, length - WINDOW + len_start
+            hidden1 = F.pad(hidden[row, :head_end], (0, 0, 0, c - head_end))
+            mask1 = F.pad(window_masks[row, :head_end], (0, c - head_end))
+            attention1 = F.pad(attention[row, :, :head_end, :head_end], (0, c - head_end, 0, c - head_end))
+            hidden2 = F.pad(hidden[row + 1, len_start:], (0, 0, tail_start, c - length))
+            mask2 = F.pad(window_masks[row + 1, len_start:], (tail_start, c - length))
+            attention2 = F.pad(attention[row + 1, :, len_start:, len_start:],
+                               (tail_start, c - length, tail_start, c - length))
+            overlap_count = mask1 + mask2 + 1e-10
+            doc_hidden.append((hidden1 + hidden2) / overlap_count.unsqueeze(-1))
+            summed = attention1 + attention2
+            doc_attention.append(summed / (summed.sum(-1, keepdim=True) + 1e-10))
+        row += count
+    return torch.stack(doc_hidden), torch.stack(doc_attention)
+
+
+class DocREModel(nn.Module):
+    """ATLOP's DocREModel with ``bilinear`` + loss computed by :func:`ncrl_kernels.fused_ncrl`.
+
+    Args:
+        config: the encoder's ``transformers`` config, with ATLOP's extra attributes
+            ``transformer_type`` ("bert" or "roberta"), ``cls_token_id`` and ``sep_token_id`` (set
+            from the tokenizer, as ATLOP's train.py does) and ``num_labels`` = classes incl. "Na".
+        model: the encoder (e.g. ``AutoModel.from_pretrained(...)``). It is switched to eager
+            attention (:func:`use_eager_attention`) because context pooling needs attention weights.
+        emb_size, block_size: ATLOP's extractor width and bilinear group size.
+        num_labels: at most this many relations predicted per pair (-1: no limit), as in ATLOP.
+        loss: "ncrl" (default), "atl" (ATLOP's loss) or "bce"; ``gamma`` (margin shift) and
+            ``margin_reg`` apply to NCRL.
+        symmetric: the NCRL authors' symmetric bilinear feature (their DocRED model).
+        backend: the ``ncrl_kernels`` backend for the head and loss ("auto" picks the fastest).
+
+    ``forward(input_ids, attention_mask, labels=None, entity_pos=None, hts=None)`` returns
+    ``(predictions,)``, or ``(loss, predictions)`` when ``labels`` (ATLOP's per-document lists of
+    multi-hot rows) are given; predictions are float multi-hot ``[pairs, classes]``.
+    """
+
+    def __init__(self, config, model, emb_size=768, block_size=64, num_labels=-1, *, loss="ncrl", gamma=0.0,
+                 margin_reg=True, symmetric=False, backend="auto"):
+        super().__init__()
+        self.special_tokens = _special_tokens(config)
+        self.config = config
+        self.model = use_eager_attention(model)
+        self.hidden_size = config.hidden_size
+        self.head_extractor = nn.Linear(2 * config.hidden_size, emb_size)
+        self.tail_extractor = nn.Linear(2 * config.hidden_size, emb_size)
+        self.bilinear = GroupBilinearLoss(emb_size, block_size, config.num_labels, symmetric=symmetric, loss=loss,
+                                          gamma=gamma, margin_reg=margin_reg, backend=backend)
+        self.emb_size = emb_size
+        self.block_size = block_size
+        self.num_labels = num_labels
+
+    def encode(self, input_ids, attention_mask):
+        start_tokens, end_tokens = self.special_tokens
+        return process_long_input(self.model, input_ids, attention_mask, start_tokens, end_tokens)
+
+    def get_hrt(self, sequence_output, attention, entity_pos, hts):
+        """Head and tail entity embeddings (logsumexp over mentions, each read at its "*" marker)
+        and the localised context ``rs`` of every pair (the document's hidden states weighted by
+        the product of the head's and the tail's mean attention), all documents concatenated."""
+        offset = len(self.special_tokens[0])  # entity_pos counts from the first word piece after [CLS]
+        heads, length = attention.shape[1], attention.shape[-1]
+        hss, rss, tss = [], [], []
+        for i, doc_entities in enumerate(entity_pos):
+            doc_output, doc_attention = sequence_output[i], attention[i]
+            entity_embs, entity_atts = [], []
+            for mentions in doc_entities:
+                # Mentions cut off by the maximum sequence length are skipped.
+                positions = [start + offset for start, _ in mentions if start + offset < length]
+                if positions:
+                    index = torch.tensor(positions, device=sequence_output.device)
+                    entity_embs.append(torch.logsumexp(doc_output[index], dim=0))
+                    entity_atts.append(doc_attention[:, index].mean(1))
+                else:
+                    entity_embs.append(sequence_output.new_zeros(self.hidden_size))
+                    entity_atts.append(attention.new_zeros(heads, length))
+            entity_embs = torch.stack(entity_embs)  # [entities, hidden]
+            entity_atts = torch.stack(entity_atts)  # [entities, heads, length]
+
+            pairs = torch.as_tensor(hts[i], dtype=torch.long, device=sequence_output.device).reshape(-1, 2)
+            hss.append(entity_embs[pairs[:, 0]])
+            tss.append(entity_embs[pairs[:, 1]])
+            ht_att = (entity_atts[pairs[:, 0]] * entity_atts[pairs[:, 1]]).mean(1)
+            ht_att = ht_att / (ht_att.sum(1, keepdim=True) + 1e-5)
+            rss.append(ht_att @ doc_output)
+        return torch.cat(hss), torch.cat(rss), torch.cat(tss)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, entity_pos=None, hts=None):
+        sequence_output, attention = self.encode(input_ids, attention_mask)
+        hs, rs, ts = self.get_hrt(sequence_output, attention, entity_pos, hts)
+        hs = torch.tanh(self.head_extractor(torch.cat([hs, rs], dim=1)))
+        ts = torch.tanh(self.tail_extractor(torch.cat([ts, rs], dim=1)))
+        if labels is None:
+            return (self._predict(self.bilinear(hs, ts)),)
+        classes = self.bilinear.num_classes  # reshape: a document without pairs has labels []
+        labels = torch.cat([torch.as_tensor(doc_labels).reshape(-1, classes) for doc_labels in labels]).to(hs.device)
+        # GroupBilinearLoss calls ncrl_kernels.fused_ncrl: head + loss without the [pairs, E*B] feature.
+        loss, logits = self.bilinear(hs, ts, labels, return_logits=True)
+        return loss.to(sequence_output), self._predict(logits)
+
+    def _predict(self, logits):
+        if self.bilinear.loss == "bce":
+            # BCE learns no none-class score: threshold every class at probability 0.5 (logit 0).
+            logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
+        return functional.predict(logits, num_labels=self.num_labels)
+
+
+def _special_tokens(config):
+    """ATLOP's (start_tokens, end_tokens) around a window: [CLS] ... [SEP] for BERT, <s> ... </s></s>
+    for RoBERTa."""
+    transformer_type = getattr(config, "transformer_type", None)
+    if transformer_type not in ("bert", "roberta"):
+        raise ValueError(f"config.transformer_type must be 'bert' or 'roberta', got {transformer_type!r}; set it "
+                         "with config.cls_token_id/sep_token_id from the tokenizer, as ATLOP's train.py does")
+    ids = {name: getattr(config, name, None) for name in ("cls_token_id", "sep_token_id")}
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise ValueError(f"config.{missing[0]} is not set; set config.cls_token_id = tokenizer.cls_token_id and "
+                         "config.sep_token_id = tokenizer.sep_token_id, as ATLOP's train.py does")
+    end = [ids["sep_token_id"]] * (1 if transformer_type == "bert" else 2)
+    return [ids["cls_token_id"]], end
