@@ -52,7 +52,7 @@ TOLERANCES = {
 def dtypes_for(device, backend):
     """Every input dtype a backend takes; the Triton interpreter (CPU) has no bf16."""
     if backend == "triton" and device == "cpu":
-        return [torch.float32, torch.float16]
+        return [torch.float64, torch.float32, torch.float16]
     return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
