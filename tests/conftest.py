@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels run their first autotune config (see ncrl_kernels/triton_kernels/_common.py).
+os.environ.setdefault("NCRL_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

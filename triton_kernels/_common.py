@@ -1,9 +1,16 @@
 """What every Triton kernel of the package shares: tile sizes, the autotune spaces, and the one
 tensor-core call (``mma``) whose precision follows PyTorch's TF32 setting."""
+import os
+
 import triton
 import triton.language as tl
 
 from .._dispatch import TRITON_INTERPRET
+
+# NCRL_TRITON_AUTOTUNE=0 runs every kernel with its first config instead of tuning. The tests set
+# it: results must not depend on the config (test_triton.py checks each config once at DocRED
+# size), and tuning every kernel variant for every small test shape would compile for minutes.
+AUTOTUNE = os.environ.get("NCRL_TRITON_AUTOTUNE", "1") != "0"
 
 # tl.dot needs every dimension of its operands to be at least 16.
 MIN_DOT = 16
@@ -33,7 +40,10 @@ def autotune(gpu_configs, interpreter_config, key=("N_BUCKET", "E", "B", "C")):
     """triton.autotune over a few configs, keyed on shape buckets (the autotuner adds the pointer
     dtypes to the key). The interpreter cannot time kernels, so it runs `interpreter_config` alone;
     large tiles there mean few Python-level steps."""
-    configs = [interpreter_config] if TRITON_INTERPRET else gpu_configs
+    if TRITON_INTERPRET:
+        configs = [interpreter_config]
+    else:
+        configs = gpu_configs if AUTOTUNE else gpu_configs[:1]
     return triton.autotune(configs=configs, key=list(key))
 
 

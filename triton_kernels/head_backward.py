@@ -22,10 +22,10 @@ from .head_forward import column, feature_slice, group_columns
 WEIGHT_GRAD_BLOCK_N = 128
 
 
-@autotune(
-    [config(8, 3), config(8, 2), config(4, 3)],
-    config(1, 1),
-)
+WEIGHT_GRAD_CONFIGS = [config(8, 3), config(8, 2), config(4, 3)]
+
+
+@autotune(WEIGHT_GRAD_CONFIGS, config(1, 1))
 @triton.jit(do_not_specialize=["N"])
 def weight_grad_kernel(
     grad, hs, ts, dweight, dbias, N, N_BUCKET,
@@ -60,15 +60,15 @@ def weight_grad_kernel(
     tl.store(dbias + cs, dbias_acc, mask=cs < tl.where(s == 0, C, 0))  # program 0 only
 
 
-@autotune(
-    [
-        config(8, 3, BLOCK_N=64),
-        config(8, 3, BLOCK_N=128),
-        config(4, 3, BLOCK_N=64),
-        config(4, 4, BLOCK_N=32),
-    ],
-    config(1, 1, BLOCK_N=128),
-)
+INPUT_GRAD_CONFIGS = [
+    config(8, 3, BLOCK_N=64),
+    config(8, 3, BLOCK_N=128),
+    config(4, 3, BLOCK_N=64),
+    config(4, 4, BLOCK_N=32),
+]
+
+
+@autotune(INPUT_GRAD_CONFIGS, config(1, 1, BLOCK_N=128))
 @triton.jit(do_not_specialize=["N"])
 def input_grad_kernel(
     grad, hs, ts, weight, dhs, dts, N, N_BUCKET,

@@ -43,15 +43,17 @@ def feature_slice(hs, ts, rows, row_ok, s, h_group, t_group, E: tl.constexpr, SY
     return x
 
 
-@autotune(
-    [
-        config(8, 3, BLOCK_N=64, EPILOGUE_ROWS=16),
-        config(8, 3, BLOCK_N=128, EPILOGUE_ROWS=16),
-        config(4, 3, BLOCK_N=64, EPILOGUE_ROWS=8),
-        config(4, 4, BLOCK_N=32, EPILOGUE_ROWS=8),
-    ],
-    config(1, 1, BLOCK_N=128, EPILOGUE_ROWS=128),
-)
+# Spill-free on sm_90 for fp32 and bf16 at DocRED shapes (compile_check) except BLOCK_N=128, kept
+# for large N where it halves the weight reads; BLOCK_N=32 gives small N more programs.
+FORWARD_CONFIGS = [
+    config(8, 3, BLOCK_N=64, EPILOGUE_ROWS=16),
+    config(8, 3, BLOCK_N=128, EPILOGUE_ROWS=16),
+    config(4, 3, BLOCK_N=64, EPILOGUE_ROWS=8),
+    config(4, 4, BLOCK_N=32, EPILOGUE_ROWS=8),
+]
+
+
+@autotune(FORWARD_CONFIGS, config(1, 1, BLOCK_N=128, EPILOGUE_ROWS=128))
 @triton.jit(do_not_specialize=["N"])
 def head_forward_kernel(
     hs, ts, weight, bias, labels, logits, dlogits, row_loss, N, N_BUCKET,

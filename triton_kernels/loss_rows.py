@@ -132,11 +132,10 @@ def loss_tile(logits, labels, dlogits, row_loss, first, N, C: tl.constexpr, LOSS
     tl.store(dlogits + at, grad, mask=ok)
 
 
-@autotune(
-    [config(4, 1, BLOCK_N=8), config(8, 1, BLOCK_N=16), config(8, 1, BLOCK_N=32)],
-    config(1, 1, BLOCK_N=64),
-    key=("N_BUCKET", "C"),
-)
+LOSS_CONFIGS = [config(4, 1, BLOCK_N=8), config(8, 1, BLOCK_N=16), config(8, 1, BLOCK_N=32)]
+
+
+@autotune(LOSS_CONFIGS, config(1, 1, BLOCK_N=64), key=("N_BUCKET", "C"))
 @triton.jit(do_not_specialize=["N"])
 def loss_kernel(
     logits, labels, dlogits, row_loss, N, N_BUCKET,
