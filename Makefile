@@ -9,7 +9,7 @@ PIP := $(VPY) -m pip
 TORCH_CPU := torch==2.13.0
 EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install test bench plot clean
+.PHONY: install test bench plot gpu-check clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: install
 
 plot: install
 	$(VPY) bench/plot.py
+
+# On a CUDA machine, no internet needed: install this checkout into the Python that is there (with
+# its CUDA torch and triton), run all tests including the GPU ones, the GPU benchmarks and the
+# plots, print a summary; under 8 minutes. Results go to bench/results/ (and $OUT when set).
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) *.egg-info ncrl_kernels/_C*.so

@@ -173,7 +173,7 @@ def test_kernels_compile_for_gpu():
     bundles ptxas). The interpreter checks what the kernels compute, not that they compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check", "--dtypes", "fp32", "bf16",
+        [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check", "--dtypes", "fp32", "tf32", "bf16",
          "--emb", "64", "--block", "16", "--classes", "9"],
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -4,8 +4,9 @@ the backend interface of ``ncrl_kernels._dispatch``.
 The operators mirror the C++ ones (csrc/ops.cpp) under their own names:
 
 - ``ncrl_kernels::triton_fused_forward`` -> (loss, logits, d loss / d logits): head and loss in
-  one kernel launch; its backward scales d loss / d logits by the incoming gradient (a scalar for
-  "mean"/"sum", one value per pair for "none") and runs the head backward. Nothing else is saved.
+  one kernel launch (plus the sum of the per-pair losses); its backward scales d loss / d logits
+  by the incoming gradient (a scalar for "mean"/"sum", one value per pair for "none") and runs the
+  head backward. Nothing but the inputs and d loss / d logits is saved.
 - ``ncrl_kernels::triton_head_forward`` / ``triton_head_backward``: the head alone.
 - ``ncrl_kernels::triton_loss_forward`` -> (loss, d loss / d logits): the losses alone.
 
@@ -123,9 +124,9 @@ loss_forward = _define("triton_loss_forward", _loss_forward, _loss_forward_fake)
 def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, block_size: int,
                    symmetric: bool, loss: str, gamma: float, margin_reg: bool, reduction: str,
                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, logits, d loss / d logits) in one launch. The logits are always written: the backend
-    interface returns them, and they cost one [N, C] store next to the d loss / d logits that the
-    backward needs anyway."""
+    """(loss, logits, d loss / d logits): one kernel launch, plus torch's sum of the per-pair losses
+    for "mean"/"sum". The logits are always written: the backend interface returns them, and they
+    cost one [N, C] store next to the d loss / d logits that the backward needs anyway."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
     loss_dtype = _loss_dtype(hs.dtype)

@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from . import head_backward, head_forward, loss_rows
 from ._common import LOSS_CODES, padded
 
-POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+# Input dtypes; "tf32" is fp32 inputs with torch.backends.cuda.matmul.allow_tf32 set, "fp32" without.
+POINTER = {"fp32": "*fp32", "tf32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
 
 
 def variants(dtype, emb, block, classes):
@@ -31,7 +32,7 @@ def variants(dtype, emb, block, classes):
     ptr = POINTER[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
     shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes),
-                 ALLOW_TF32=dtype == "fp32", COMPUTE_FP64=dtype == "fp64")
+                 ALLOW_TF32=dtype == "tf32", COMPUTE_FP64=dtype == "fp64")
     out = []
     for symmetric in (False, True):
         common = dict(shape, SYMMETRIC=symmetric)
@@ -47,7 +48,7 @@ def variants(dtype, emb, block, classes):
     out.append(("head forward", head_forward.head_forward_kernel,
                 dict(hs=ptr, ts=ptr, weight=ptr, bias=None, labels=None, logits=ptr, dlogits=None, row_loss=None),
                 dict(shape, SYMMETRIC=False, HAS_BIAS=False, LOSS=0, GAMMA=0.0, MARGIN_REG=False, MEAN=False)))
-    if dtype in ("fp32", "fp64"):  # the loss-only kernel sees fp32 (or fp64) logits
+    if dtype in ("fp32", "fp64"):  # the loss-only kernel sees fp32 (or fp64) logits, no matmul
         for name, code in LOSS_CODES.items():
             out.append((f"loss {name}", loss_rows.loss_kernel,
                         dict(logits=loss_ptr, labels=loss_ptr, dlogits=loss_ptr, row_loss=loss_ptr),
@@ -84,7 +85,8 @@ def resource_usage(cubin):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(POINTER), default=["fp32", "bf16", "fp16", "fp64"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(POINTER), default=["fp32", "tf32", "bf16", "fp16",
+                                                                                   "fp64"])
     parser.add_argument("--archs", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--emb", type=int, default=768)
     parser.add_argument("--block", type=int, default=64)
