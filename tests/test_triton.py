@@ -228,6 +228,27 @@ def test_docred_bitwise_deterministic(dtype, symmetric):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_docred_compiled_training_step():
+    """torch.compile (Inductor, fullgraph) of an ATLOP-style step under bf16 autocast: the triton
+    ops trace without a graph break and give eager's loss and gradients."""
+    torch._dynamo.reset()
+    hs, ts, weight, bias, labels = docred_inputs()
+
+    def step(hs, ts, weight, bias):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=DOCRED[2], gamma=0.05,
+                                           backend="triton")
+
+    eager_args, compiled_args = leaves(hs, ts, weight, bias), leaves(hs, ts, weight, bias)
+    want = step(*eager_args)
+    got = torch.compile(step, fullgraph=True)(*compiled_args)
+    assert_close(got, want, torch.bfloat16, "compiled loss")
+    for a, e in zip(torch.autograd.grad(got, compiled_args), torch.autograd.grad(want, eager_args)):
+        assert_close(a, e, torch.bfloat16, "compiled grad")
+
+
 def peak_extra_mib(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
