@@ -9,7 +9,7 @@ PIP := $(VPY) -m pip
 TORCH_CPU := torch==2.13.0
 EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install test bench plot clean check-cuda-build
+.PHONY: install test bench plot clean check-cuda-build gpu-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ $(CUDA_VENV)/.deps-stamp: | $(CUDA_VPY)
 
 check-cuda-build: $(CUDA_VENV)/.deps-stamp
 	$(CUDA_VPY) tools/check_cuda_build.py
+
+# On a CUDA machine, no internet needed: install this checkout into the Python that is there (with
+# its CUDA torch and triton), run all tests including the GPU ones, the GPU benchmarks and the
+# plots, print a summary; under 8 minutes. Results go to bench/results/ (and $OUT when set).
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) $(CUDA_VENV) *.egg-info ncrl_kernels/_C*.so

@@ -7,23 +7,31 @@ A backend implementation is a module with three functions taking validated argum
 ``fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction)``
 returning ``(loss, logits)``. All of them are differentiable.
 
-Availability depends only on state fixed at import time (extension loaded) and on the device, so
-it is cheap and traces under ``torch.compile``.
+Availability depends only on state fixed at import time (extension loaded, Triton installed,
+TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.compile``.
 """
 import importlib
+import importlib.util
+import os
 
 import torch
 
 from . import _extension
 
-BACKENDS = ("reference", "cpp", "cuda")
-# Fastest first.
-AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")}
+# Triton is imported lazily (it is slow to import); its interpreter runs kernels on CPU tensors
+# and must be switched on before triton is imported, so the setting is read once here.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+# Fastest first. The Triton interpreter is far slower than the reference, so "auto" never uses it.
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 _MODULES = {
     "reference": "ncrl_kernels._reference_backend",
     "cpp": "ncrl_kernels._extension",
     "cuda": "ncrl_kernels._extension",
+    "triton": "ncrl_kernels.triton_kernels.backend",
 }
 
 _REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
@@ -65,6 +73,15 @@ def unavailable_reason(name, device):
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
         return _extension_reason("CUDA")
+    if name == "triton":
+        if not TRITON_INSTALLED:
+            return "Triton is not installed (`pip install triton`)"
+        if kind == "cuda" or (kind == "cpu" and TRITON_INTERPRET):
+            return None
+        return (
+            f"Triton kernels run on CUDA tensors, these are on {device} (on the CPU only under the "
+            "interpreter: set TRITON_INTERPRET=1 before importing triton and ncrl_kernels)"
+        )
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 

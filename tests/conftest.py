@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never reach the Hugging Face hub (set before anything imports huggingface_hub).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run their first autotune config (see ncrl_kernels/triton_kernels/_common.py).
+os.environ.setdefault("NCRL_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
@@ -54,7 +56,7 @@ TOLERANCES = {
 def dtypes_for(device, backend):
     """Every input dtype a backend takes; the Triton interpreter (CPU) has no bf16."""
     if backend == "triton" and device == "cpu":
-        return [torch.float32, torch.float16]
+        return [torch.float64, torch.float32, torch.float16]
     return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -138,7 +138,19 @@ def test_predict_arguments():
 
 def test_available_backends_on_cpu():
     names = ncrl_kernels.available_backends("cpu")
-    assert names == ["reference", "cpp"]
+    assert names[:2] == ["reference", "cpp"]
+    assert ("triton" in names) == (_dispatch.TRITON_INSTALLED and _dispatch.TRITON_INTERPRET)
+
+
+def test_triton_needs_cuda_or_interpreter(good, monkeypatch):
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
+    assert "triton" not in ncrl_kernels.available_backends("cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        fused(good, "triton")
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", False)
+    with pytest.raises(ValueError, match="not installed"):
+        fused(good, "triton")
+    assert "triton" not in ncrl_kernels.available_backends("cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
