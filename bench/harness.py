@@ -4,9 +4,10 @@ Peak extra memory is what a step allocates on top of what already exists when it
 (inputs, parameters, and in "bwd" mode the forward's saved tensors):
 - CUDA: torch.cuda.max_memory_allocated() after a reset, minus memory_allocated() before.
 - CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
-  minus its resident set before. glibc is told to return large blocks to the OS at once
-  (mallopt M_MMAP_THRESHOLD), so freed tensors leave the resident set and the figure tracks
-  live memory.
+  minus its resident set before. On the first CPU measurement glibc is told to return blocks
+  over 64 KiB to the OS at once (mallopt M_MMAP_THRESHOLD), so freed tensors leave the resident
+  set and the figure tracks live memory. That makes every later allocation a fresh mapping, so
+  time everything first and measure memory after (bench/run.py does).
 """
 import csv
 import ctypes

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plots of the benchmark CSVs: time and peak extra memory against N, per mode and dtype.
 
-    python bench/plot.py                      # every bench/results/*.csv -> <device>-<dtype>.png
+    python bench/plot.py                      # every bench/run.py CSV in bench/results -> <device>-<dtype>.png
     python bench/plot.py path/to/file.csv
 
 For each (provider, mode, dtype, N) the newest row is plotted (rows are appended run after run).
@@ -22,6 +22,12 @@ import harness  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 STYLE = {"eager": "o-", "compiled": "s-", "gemm-bound": "kx:"}
+
+
+def is_bench_csv(path):
+    """Whether a CSV holds bench/run.py rows (results/ also holds other studies' tables)."""
+    with open(path) as f:
+        return next(csv.reader(f), None) == harness.CSV_COLUMNS
 
 
 def newest_rows(path):
@@ -74,7 +80,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv", nargs="*", help="default: bench/results/*.csv")
     args = p.parse_args(argv)
-    paths = args.csv or sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "*.csv")))
+    paths = args.csv or [p for p in sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "*.csv"))) if is_bench_csv(p)]
     for path in paths:
         for out in plot_file(path):
             print(f"wrote {out}")

@@ -87,7 +87,8 @@ def make_step(provider):
     return loss_provider(provider.removeprefix("fused-"))
 
 
-def bench_loss_provider(step, case, mode, device, autocast_dtype, reps, seconds):
+def loss_job(step, case, mode, device, autocast_dtype):
+    """(setup, fn) of one measurement of a loss provider: fn(setup()) runs `mode` once."""
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
 
     def clear():
@@ -99,16 +100,13 @@ def bench_loss_provider(step, case, mode, device, autocast_dtype, reps, seconds)
             return step(case)
 
     if mode == "fwd":
-        setup, fn = clear, lambda _: forward()
-    elif mode == "bwd":
-        setup, fn = lambda: (clear(), forward())[1], lambda loss: loss.backward()
-    else:
-        setup, fn = clear, lambda _: forward().backward()
-    timing = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=seconds)
-    return timing, harness.peak_extra_mib(fn, device, setup)
+        return clear, lambda _: forward()
+    if mode == "bwd":
+        return (lambda: (clear(), forward())[1]), (lambda loss: loss.backward())
+    return clear, lambda _: forward().backward()
 
 
-def bench_gemm_bound(case, mode, device, dtype, reps, seconds):
+def gemm_bound_job(case, mode, device, dtype):
     """The three GEMMs of the head on a pre-built [N, E*B] feature, in the compute dtype."""
     n, emb = case.hs.shape
     with torch.no_grad():
@@ -116,6 +114,7 @@ def bench_gemm_bound(case, mode, device, dtype, reps, seconds):
         weight = case.weight.detach().to(dtype)
         grad = torch.randn(n, weight.shape[0], device=device, dtype=dtype)
 
+    @torch.no_grad()
     def fn(_):
         if mode in ("fwd", "fwd_bwd"):
             feats @ weight.T
@@ -123,9 +122,7 @@ def bench_gemm_bound(case, mode, device, dtype, reps, seconds):
             grad.T @ feats  # d weight
             grad @ weight  # d feature
 
-    with torch.no_grad():
-        timing = harness.time_ms(fn, device, min_reps=reps, budget_s=seconds)
-        return timing, harness.peak_extra_mib(fn, device)
+    return None, fn
 
 
 def check_against_eager(case, providers, device, autocast_dtype):
@@ -142,39 +139,50 @@ def check_against_eager(case, providers, device, autocast_dtype):
             raise SystemExit(f"{name} loss {value:.6f} != eager {values['eager']:.6f} (rtol {rtol}): not benchmarking")
 
 
-def run(args):
-    device = torch.device(args.device)
-    providers = args.providers or providers_for(device)
-    steps = {p: make_step(p) for p in providers if p != "gemm-bound"}
-    rows, commit, stamp = [], harness.git_commit(), harness.timestamp()
+def jobs(args, device, providers, steps, check):
+    """Every measurement as ((dtype, n, mode, provider), (setup, fn)), case by case."""
     cases = [(n, providers) for n in args.n]
     if args.large_n:
         cases.append((args.large_n, [p for p in providers if p.startswith("fused-")]))
-    print(f"device {harness.device_name(device)}  commit {commit}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}  E={args.emb} B={args.block} C={args.classes}")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         autocast_dtype = None if dtype == torch.float32 else dtype
         for n, names in cases:
             case = make_case(n, args.emb, args.block, args.classes, device)
-            if "eager" in names:
+            if check and "eager" in names:
                 check_against_eager(case, {p: steps[p] for p in names if p in steps}, device, autocast_dtype)
-            modes = args.modes if n != args.large_n else ["fwd_bwd"]
-            reps = args.reps if n != args.large_n else 2
-            for mode in modes:
+            for mode in (args.modes if n != args.large_n else ["fwd_bwd"]):
                 for provider in names:
-                    if provider == "gemm-bound":
-                        (p50, p20, p80), mem = bench_gemm_bound(case, mode, device, dtype, reps, args.seconds)
-                    else:
-                        (p50, p20, p80), mem = bench_loss_provider(steps[provider], case, mode, device,
-                                                                    autocast_dtype, reps, args.seconds)
-                    rows.append(dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n,
-                                     emb=args.emb, block=args.block, classes=args.classes, ms_p50=round(p50, 3),
-                                     ms_p20=round(p20, 3), ms_p80=round(p80, 3), peak_mem_mib=round(mem, 1),
-                                     device=harness.device_name(device), commit=commit, timestamp=stamp))
-                    print(f"  {dtype_name:5s} N={n:6d} {mode:8s} {provider:14s} {p50:10.2f} ms "
-                          f"[{p20:.2f}, {p80:.2f}]  {mem:9.1f} MiB", flush=True)
+                    job = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
+                           else loss_job(steps[provider], case, mode, device, autocast_dtype))
+                    yield (dtype_name, n, mode, provider), job
             del case
+
+
+def run(args):
+    """Times every case, then measures the memory of every case (on the CPU the memory pass
+    changes how glibc hands out memory, see harness.py, so it must not overlap the timings)."""
+    device = torch.device(args.device)
+    providers = args.providers or providers_for(device)
+    steps = {p: make_step(p) for p in providers if p != "gemm-bound"}
+    commit, stamp = harness.git_commit(), harness.timestamp()
+    print(f"device {harness.device_name(device)}  commit {commit}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}  E={args.emb} B={args.block} C={args.classes}")
+    timings = {}
+    for key, (setup, fn) in jobs(args, device, providers, steps, check=True):
+        reps = args.reps if key[1] != args.large_n else 2
+        timings[key] = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
+        print("  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timings[key]),
+              flush=True)
+    print("peak extra memory ...", flush=True)
+    rows = []
+    for key, (setup, fn) in jobs(args, device, providers, steps, check=False):
+        dtype_name, n, mode, provider = key
+        p50, p20, p80 = timings[key]
+        rows.append(dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n, emb=args.emb,
+                         block=args.block, classes=args.classes, ms_p50=round(p50, 3), ms_p20=round(p20, 3),
+                         ms_p80=round(p80, 3), peak_mem_mib=round(harness.peak_extra_mib(fn, device, setup), 1),
+                         device=harness.device_name(device), commit=commit, timestamp=stamp))
     path = harness.append_rows(rows, device, args.results)
     print_summary(rows)
     print(f"appended {len(rows)} rows to {path}")
