@@ -4,10 +4,11 @@ Peak extra memory is what a step allocates on top of what already exists when it
 (inputs, parameters, and in "bwd" mode the forward's saved tensors):
 - CUDA: torch.cuda.max_memory_allocated() after a reset, minus memory_allocated() before.
 - CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
-  minus its resident set before. On the first CPU measurement glibc is told to return blocks
-  over 64 KiB to the OS at once (mallopt M_MMAP_THRESHOLD), so freed tensors leave the resident
-  set and the figure tracks live memory. That makes every later allocation a fresh mapping, so
-  time everything first and measure memory after (bench/run.py does).
+  minus its resident set before. This only tracks live memory if glibc returns freed blocks to
+  the OS at once and never serves a tensor from memory the heap kept: `prepare_memory_measurement`
+  sets that up (mallopt M_MMAP_THRESHOLD = 64 KiB) and must run before the process allocates
+  anything large. Because it also turns every later allocation into fresh page faults, which
+  slows timings, bench/run.py measures CPU memory in a process of its own.
 """
 import csv
 import ctypes
@@ -65,11 +66,7 @@ class CpuMemory:
     M_MMAP_THRESHOLD = -3
 
     def __init__(self):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(self.M_MMAP_THRESHOLD, 1 << 16)
-        except OSError:
-            pass
-        self.supported = os.path.exists("/proc/self/clear_refs")
+        ctypes.CDLL("libc.so.6").mallopt(self.M_MMAP_THRESHOLD, 1 << 16)
 
     @staticmethod
     def _status_mib(key):
@@ -88,9 +85,15 @@ class CpuMemory:
 _CPU_MEMORY = None
 
 
+def prepare_memory_measurement(device):
+    """Set up peak-memory measurement; on the CPU, call it before allocating anything large."""
+    global _CPU_MEMORY
+    if device.type == "cpu" and _CPU_MEMORY is None:
+        _CPU_MEMORY = CpuMemory()
+
+
 def peak_extra_mib(fn, device, setup=None):
     """Run `fn` once (after `setup`, not measured) and return the extra peak memory in MiB."""
-    global _CPU_MEMORY
     state = setup() if setup else None
     gc.collect()
     if device.type == "cuda":
@@ -101,9 +104,7 @@ def peak_extra_mib(fn, device, setup=None):
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     if _CPU_MEMORY is None:
-        _CPU_MEMORY = CpuMemory()
-    if not _CPU_MEMORY.supported:
-        return float("nan")
+        raise RuntimeError("call prepare_memory_measurement(device) first, before any large allocation")
     start = _CPU_MEMORY.start()
     fn(state)
     return _CPU_MEMORY.peak_since(start)
