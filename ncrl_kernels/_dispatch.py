@@ -16,10 +16,10 @@ import os
 
 import torch
 
-from . import _extension
+from . import _extension, _reference_backend
 
-# Triton is imported lazily (it is slow to import); its interpreter runs kernels on CPU tensors
-# and must be switched on before triton is imported, so the setting is read once here.
+# Triton's interpreter runs kernels on CPU tensors and must be switched on before triton is
+# imported, so the setting is read once here.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,23 +27,7 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # Fastest first. The Triton interpreter is far slower than the reference, so "auto" never uses it.
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
-_MODULES = {
-    "reference": "ncrl_kernels._reference_backend",
-    "cpp": "ncrl_kernels._extension",
-    "cuda": "ncrl_kernels._extension",
-    "triton": "ncrl_kernels.triton_kernels.backend",
-}
-
 _REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
-
-
-_LOADED = {}
-
-
-def _implementation(name):
-    if name not in _LOADED:
-        _LOADED[name] = importlib.import_module(_MODULES[name])
-    return _LOADED[name]
 
 
 def _extension_reason(dispatch_key):
@@ -76,6 +60,8 @@ def unavailable_reason(name, device):
     if name == "triton":
         if not TRITON_INSTALLED:
             return "Triton is not installed (`pip install triton`)"
+        if TRITON_IMPORT_ERROR is not None:
+            return f"the Triton kernels failed to import ({TRITON_IMPORT_ERROR})"
         if kind == "cuda" or (kind == "cpu" and TRITON_INTERPRET):
             return None
         return (
@@ -96,10 +82,21 @@ def resolve(backend, device):
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(name, device) is None:
-                return _implementation(name)
+                return _IMPLEMENTATIONS[name]
     if not isinstance(backend, str):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
-    return _implementation(backend)
+    return _IMPLEMENTATIONS[backend]
+
+
+# The implementations are imported here, not on first use: torch.compile cannot import a module
+# while it traces a call. Triton (slow to import) only where it can run: CUDA or the interpreter.
+_IMPLEMENTATIONS = {"reference": _reference_backend, "cpp": _extension, "cuda": _extension}
+TRITON_IMPORT_ERROR = None
+if TRITON_INSTALLED and (TRITON_INTERPRET or torch.cuda.is_available()):
+    try:
+        _IMPLEMENTATIONS["triton"] = importlib.import_module("ncrl_kernels.triton_kernels.backend")
+    except Exception as exc:  # a broken Triton install must not break `import ncrl_kernels`
+        TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ def _under_autocast(hs, ts, weight):
 
 def _float_labels(labels, dtype):
     """Labels as floats of the loss dtype: a copy for bool/int labels, never an in-place change."""
-    return labels.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return labels.to(reference.loss_dtype(dtype))
 
 
 def _check_tensors(**tensors):
@@ -54,7 +54,7 @@ def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
     _validation.check_logits_and_labels(logits, labels)
     impl = _dispatch.resolve(backend, logits.device)
     # The loss runs in fp32 (fp64 stays fp64); autograd casts the gradient back to logits' dtype.
-    scores = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    scores = logits.to(reference.loss_dtype(logits.dtype))
     return impl.loss_fn(scores, _float_labels(labels, scores.dtype), loss, float(gamma), bool(margin_reg), reduction)
 
 

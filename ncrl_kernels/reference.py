@@ -8,15 +8,17 @@ Arguments are assumed valid (the public API validates them first).
 import torch
 import torch.nn.functional as F
 
-__all__ = ["group_bilinear", "ncrl_loss", "atl_loss", "bce_loss", "predict", "loss_fn", "LOSSES"]
+__all__ = ["group_bilinear", "ncrl_loss", "atl_loss", "bce_loss", "predict", "loss_fn", "loss_dtype",
+           "reduce_pairs", "LOSSES"]
 
 
-def _loss_dtype(dtype):
+def loss_dtype(dtype):
     """Losses accumulate in fp32 whatever the input dtype (fp64 stays fp64, for gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce(per_pair, reduction):
+def reduce_pairs(per_pair, reduction):
+    """Per-pair losses [N] -> the loss for `reduction`."""
     if reduction == "none":
         return per_pair
     total = per_pair.sum()
@@ -53,19 +55,19 @@ def _margin_ce(margin, y, gamma):
 
 def ncrl_loss(logits, labels, gamma=0.0, margin_reg=True, reduction="mean"):
     """None Class Ranking Loss (paper eq. 2, 5-7 with the official code's semantics)."""
-    f = logits.to(_loss_dtype(logits.dtype))
+    f = logits.to(loss_dtype(logits.dtype))
     y = labels.to(f.dtype)
     f0 = f[:, :1]
     per_pair = _margin_ce(f[:, 1:] - f0, y[:, 1:], gamma).sum(1)
     if margin_reg:
         # The mean runs over all K relation columns and is not detached.
         per_pair = per_pair + _margin_ce(f[:, 0] - f[:, 1:].mean(1), y[:, 0], gamma)
-    return _reduce(per_pair, reduction)
+    return reduce_pairs(per_pair, reduction)
 
 
 def atl_loss(logits, labels, reduction="mean"):
     """ATLOP's adaptive thresholding loss, without mutating ``labels``."""
-    f = logits.to(_loss_dtype(logits.dtype))
+    f = logits.to(loss_dtype(logits.dtype))
     y = labels.to(f.dtype, copy=True)
     th_label = torch.zeros_like(y)
     th_label[:, 0] = 1.0
@@ -76,15 +78,15 @@ def atl_loss(logits, labels, reduction="mean"):
     loss1 = -(F.log_softmax(logit1, dim=-1) * y).sum(1)
     logit2 = f - (1.0 - n_mask) * 1e30
     loss2 = -(F.log_softmax(logit2, dim=-1) * th_label).sum(1)
-    return _reduce(loss1 + loss2, reduction)
+    return reduce_pairs(loss1 + loss2, reduction)
 
 
 def bce_loss(logits, labels, reduction="mean"):
     """Binary cross-entropy over the relation columns 1..K, summed per pair (column 0 unused)."""
-    f = logits.to(_loss_dtype(logits.dtype))
+    f = logits.to(loss_dtype(logits.dtype))
     y = labels.to(f.dtype)
     per_pair = F.binary_cross_entropy_with_logits(f[:, 1:], y[:, 1:], reduction="none").sum(1)
-    return _reduce(per_pair, reduction)
+    return reduce_pairs(per_pair, reduction)
 
 
 LOSSES = ("ncrl", "atl", "bce")

@@ -1,5 +1,9 @@
 """The registered operators: torch.library.opcheck (schema, fake kernels, autograd registration,
 AOT dispatch), torch.compile(fullgraph=True) through every backend, and autocast."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,23 +21,47 @@ def extension_devices():
             if _extension.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())]
 
 
-@pytest.mark.parametrize("device", extension_devices())
+def op_families():
+    """(device, family) of every operator family that runs here: the extension's ops and the
+    Triton ops (which take a trailing allow_tf32)."""
+    families = [pytest.param(*p.values, "extension", id=f"{p.id}-extension", marks=p.marks)
+                for p in extension_devices()]
+    for dev in ("cpu", "cuda"):
+        if (dev == "cpu" or torch.cuda.is_available()) and "triton" in ncrl_kernels.available_backends(dev):
+            families.append(pytest.param(dev, "triton", id=f"{dev}-triton",
+                                         marks=[pytest.mark.gpu] if dev == "cuda" else []))
+    return families
+
+
+def family_ops(family):
+    """The family's four ops and the trailing arguments of its head and fused ops."""
+    if family == "extension":
+        ops = torch.ops.ncrl_kernels
+        return (ops.head_forward, ops.head_backward, ops.loss_forward, ops.fused_forward), ()
+    from ncrl_kernels.triton_kernels import backend
+
+    return (backend.head_forward, backend.head_backward, backend.loss_forward, backend.fused_forward), (False,)
+
+
+@pytest.mark.parametrize("device,family", op_families())
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_extension_ops(device, symmetric, reduction):
+def test_opcheck(device, family, symmetric, reduction):
+    """Schemas, fake kernels, autograd registration and AOT dispatch of the four operators."""
+    (head_forward, head_backward, loss_forward, fused_forward), extra = family_ops(family)
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
     hs, ts, weight, bias = leaves(hs, ts, weight, bias)
-    ops = torch.ops.ncrl_kernels
-    torch.library.opcheck(ops.head_forward, (hs, ts, weight, bias, 4, symmetric))
-    torch.library.opcheck(ops.head_forward, (hs, ts, weight, None, 4, symmetric))
+    torch.library.opcheck(head_forward, (hs, ts, weight, bias, 4, symmetric, *extra))
+    torch.library.opcheck(head_forward, (hs, ts, weight, None, 4, symmetric, *extra))
     grad = make_logits(20, 5, dtype=torch.float64, device=device)
-    torch.library.opcheck(ops.head_backward, (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, True, True))
-    torch.library.opcheck(ops.head_backward, (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, False, True))
+    inputs = (hs.detach(), ts.detach(), weight.detach())
+    torch.library.opcheck(head_backward, (grad, *inputs, 4, symmetric, True, True, *extra))
+    torch.library.opcheck(head_backward, (grad, *inputs, 4, symmetric, False, True, *extra))
     for loss in ("ncrl", "atl", "bce"):
         logits = make_logits(20, 5, dtype=torch.float64, device=device).requires_grad_()
-        torch.library.opcheck(ops.loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
-        torch.library.opcheck(ops.fused_forward,
-                              (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05, True, reduction))
+        torch.library.opcheck(loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
+        torch.library.opcheck(fused_forward,
+                              (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05, True, reduction, *extra))
 
 
 @pytest.mark.parametrize("device", extension_devices())
@@ -67,6 +95,26 @@ def test_compile_fullgraph(device, backend, dynamic):
     assert torch.equal(got_pred, want_pred)
     for a, e in zip(torch.autograd.grad(got, compiled_args), torch.autograd.grad(want, eager_args)):
         assert_close(a, e, torch.float32, "compiled grad")
+
+
+def test_first_call_inside_compile():
+    """A fresh process whose first call of each backend is inside torch.compile(fullgraph=True):
+    nothing may be left to import or look up lazily while Dynamo traces."""
+    script = """
+import sys, torch, ncrl_kernels
+hs, ts = torch.rand(6, 16), torch.rand(6, 16)
+weight, labels = torch.rand(3, 64), torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+for backend in ncrl_kernels.available_backends("cpu") + ["auto"]:
+    fn = torch.compile(lambda *a: ncrl_kernels.fused_ncrl(*a, labels, block_size=4, backend=backend),
+                       fullgraph=True, backend="aot_eager")
+    print(backend, float(fn(hs, ts, weight, None)))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    values = {line.split()[0]: float(line.split()[1]) for line in out.stdout.splitlines()}
+    assert set(values) == set(ncrl_kernels.available_backends("cpu")) | {"auto"}
+    assert all(v == pytest.approx(values["reference"], rel=1e-4) for v in values.values())
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())

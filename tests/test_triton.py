@@ -72,27 +72,6 @@ def test_shapes_with_padding(device, symmetric, shape):
 
 
 @pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("symmetric,reduction", [(False, "mean"), (True, "none")], ids=["plain-mean", "symmetric-none"])
-def test_opcheck(device, symmetric, reduction):
-    """Schemas, fake kernels, autograd registration and AOT dispatch of the four operators."""
-    backend = backend_module()
-    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, dtype=torch.float64, device=device)
-    hs, ts, weight, bias = leaves(hs, ts, weight, bias)
-    torch.library.opcheck(backend.head_forward, (hs, ts, weight, bias, 4, symmetric, False))
-    torch.library.opcheck(backend.head_forward, (hs, ts, weight, None, 4, symmetric, False))
-    grad = make_logits(6, 3, dtype=torch.float64, device=device)
-    torch.library.opcheck(backend.head_backward,
-                          (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, False, True, True))
-    torch.library.opcheck(backend.head_backward,
-                          (grad, hs.detach(), ts.detach(), weight.detach(), 4, symmetric, False, False, True))
-    for loss in ("ncrl", "atl", "bce"):
-        logits = make_logits(6, 3, dtype=torch.float64, device=device).requires_grad_()
-        torch.library.opcheck(backend.loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
-        torch.library.opcheck(backend.fused_forward, (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05,
-                                                      True, reduction, False))
-
-
-@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
 def test_gradcheck(device, symmetric):
     hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, dtype=torch.float64, device=device)

@@ -5,8 +5,8 @@ The operators mirror the C++ ones (csrc/ops.cpp) under their own names:
 
 - ``ncrl_kernels::triton_fused_forward`` -> (loss, logits, d loss / d logits): head and loss in
   one kernel launch (plus the sum of the per-pair losses); its backward scales d loss / d logits
-  by the incoming gradient (a scalar for "mean"/"sum", one value per pair for "none") and runs the
-  head backward. Nothing but the inputs and d loss / d logits is saved.
+  by the incoming gradient and runs the head backward (fake kernels and autograd are shared with
+  the extension's ops: ncrl_kernels/_op_autograd.py). Each takes a trailing ``allow_tf32``.
 - ``ncrl_kernels::triton_head_forward`` / ``triton_head_backward``: the head alone.
 - ``ncrl_kernels::triton_loss_forward`` -> (loss, d loss / d logits): the losses alone.
 
@@ -25,31 +25,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
+from ..reference import loss_dtype, reduce_pairs
 from ._common import LOSS_CODES
 from .head_backward import launch_head_backward
 from .head_forward import launch_head_forward
 from .loss_rows import launch_loss
 
 
-def _loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _reduce(row_loss, reduction):
-    """Per-pair losses [N] -> the loss of SPEC.md ("mean" divides by N and is 0 for N == 0)."""
-    if reduction == "none":
-        return row_loss
-    total = row_loss.sum()
-    return total / max(row_loss.shape[0], 1) if reduction == "mean" else total
-
-
-def _define(name, fn, fake):
-    """Register `fn` as the operator ncrl_kernels::<name> (see the module docstring)."""
-    qualname = f"ncrl_kernels::{name}"
+def _define(name, fn):
+    """Register `fn` as the operator ncrl_kernels::triton_<name> (see the module docstring); its
+    fake kernel is the extension ops' one (the same outputs, see ncrl_kernels/_op_autograd.py)."""
+    qualname = f"ncrl_kernels::triton_{name}"
     if TRITON_INTERPRET:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fake)
+        op.register_fake(_op_autograd.FAKES[name])
         return op
     return torch.library.triton_op(qualname, fn, mutates_args=())
 
@@ -66,20 +57,16 @@ def _head_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor]
     return logits
 
 
-def _head_forward_fake(hs, ts, weight, bias, block_size, symmetric, allow_tf32):
-    return hs.new_empty((hs.shape[0], weight.shape[0]))
-
-
-head_forward = _define("triton_head_forward", _head_forward, _head_forward_fake)
+head_forward = _define("head_forward", _head_forward)
 
 
 def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, block_size: int, symmetric: bool,
-                   allow_tf32: bool, input_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   input_grad: bool, weight_grad: bool, allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d hs, d ts, d weight, d bias); gradients not asked for are empty tensors. d bias is in the
     loss dtype (fp32, fp64 for fp64 inputs), the others in their input's dtype."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
-    dhs, dts, dweight, dbias = _empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, allow_tf32,
-                                                   input_grad, weight_grad)
+    dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
+                                                             input_grad, weight_grad)
     launch_head_backward(
         grad_logits.contiguous(), hs, ts, weight, block_size=block_size, symmetric=symmetric, allow_tf32=allow_tf32,
         dhs=dhs if input_grad else None, dts=dts if input_grad else None,
@@ -88,37 +75,20 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
     return dhs, dts, dweight, dbias
 
 
-def _empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, allow_tf32, input_grad, weight_grad):
-    """The outputs of triton_head_backward, unfilled (also its fake kernel)."""
-    loss_dtype = _loss_dtype(hs.dtype)
-    return (
-        torch.empty_like(hs, memory_format=torch.contiguous_format) if input_grad else hs.new_empty(0),
-        torch.empty_like(ts, memory_format=torch.contiguous_format) if input_grad else ts.new_empty(0),
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0),
-        weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype),
-    )
-
-
-head_backward = _define("triton_head_backward", _head_backward, _empty_head_grads)
+head_backward = _define("head_backward", _head_backward)
 
 
 def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margin_reg: bool,
                   reduction: str) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d logits), computed in the loss dtype."""
-    logits = logits.to(_loss_dtype(logits.dtype)).contiguous()
+    logits = logits.to(loss_dtype(logits.dtype)).contiguous()
     row_loss, dlogits = logits.new_empty(logits.shape[0]), torch.empty_like(logits)
     launch_loss(logits, labels.contiguous(), dlogits, row_loss, loss=LOSS_CODES[loss], gamma=gamma,
                 margin_reg=margin_reg, mean=reduction == "mean")
-    return _reduce(row_loss, reduction), dlogits
+    return reduce_pairs(row_loss, reduction), dlogits
 
 
-def _loss_forward_fake(logits, labels, loss, gamma, margin_reg, reduction):
-    loss_dtype = _loss_dtype(logits.dtype)
-    shape = (logits.shape[0],) if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=loss_dtype), logits.new_empty(logits.shape, dtype=loss_dtype)
-
-
-loss_forward = _define("triton_loss_forward", _loss_forward, _loss_forward_fake)
+loss_forward = _define("loss_forward", _loss_forward)
 
 
 def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, block_size: int,
@@ -129,100 +99,23 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
     cost one [N, C] store next to the d loss / d logits that the backward needs anyway."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
-    loss_dtype = _loss_dtype(hs.dtype)
     logits = hs.new_empty((n, classes))
-    dlogits = hs.new_empty((n, classes), dtype=loss_dtype)
-    row_loss = hs.new_empty((n,), dtype=loss_dtype)
+    dlogits = hs.new_empty((n, classes), dtype=loss_dtype(hs.dtype))
+    row_loss = hs.new_empty((n,), dtype=loss_dtype(hs.dtype))
     launch_head_forward(
         hs, ts, weight, None if bias is None else bias.contiguous(), logits, block_size=block_size,
         symmetric=symmetric, allow_tf32=allow_tf32, labels=labels.contiguous(), dlogits=dlogits, row_loss=row_loss,
         loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean",
     )
-    return _reduce(row_loss, reduction), logits, dlogits
+    return reduce_pairs(row_loss, reduction), logits, dlogits
 
 
-def _fused_forward_fake(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction,
-                        allow_tf32):
-    loss_dtype = _loss_dtype(hs.dtype)
-    n, classes = hs.shape[0], weight.shape[0]
-    shape = (n,) if reduction == "none" else ()
-    return (
-        hs.new_empty(shape, dtype=loss_dtype),
-        hs.new_empty((n, classes)),
-        hs.new_empty((n, classes), dtype=loss_dtype),
-    )
+fused_forward = _define("fused_forward", _fused_forward)
 
-
-fused_forward = _define("triton_fused_forward", _fused_forward, _fused_forward_fake)
-
-
-# Autograd: only the saved inputs and d loss / d logits are kept; the backward recomputes features.
-
-
-def _scaled_grad(grad_loss, dloss_dlogits):
-    """d loss / d logits for an incoming gradient: a scalar (mean, sum) or one per pair (none)."""
-    return grad_loss.reshape(-1, 1) * dloss_dlogits
-
-
-def _save_head(ctx, hs, ts, weight, bias, block_size, symmetric, allow_tf32, *extra):
-    ctx.save_for_backward(hs, ts, weight, *extra)
-    ctx.block_size, ctx.symmetric, ctx.allow_tf32 = block_size, symmetric, allow_tf32
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _head_grads(ctx, grad_logits, hs, ts, weight):
-    """Gradients of (hs, ts, weight, bias), None where not needed."""
-    need = ctx.needs_input_grad
-    dhs, dts, dweight, dbias = head_backward(
-        grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric, ctx.allow_tf32, need[0] or need[1],
-        need[2] or need[3],
-    )
-    return (
-        dhs if need[0] else None,
-        dts if need[1] else None,
-        dweight if need[2] else None,
-        dbias.to(ctx.bias_dtype) if need[3] else None,
-    )
-
-
-def _head_setup(ctx, inputs, output):
-    _save_head(ctx, *inputs)
-
-
-def _head_forward_backward(ctx, grad_logits):
-    return (*_head_grads(ctx, grad_logits, *ctx.saved_tensors), None, None, None)
-
-
-head_forward.register_autograd(_head_forward_backward, setup_context=_head_setup)
-
-
-def _loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _loss_backward(ctx, grad_loss, _grad_dlogits):
-    (dloss_dlogits,) = ctx.saved_tensors
-    return _scaled_grad(grad_loss, dloss_dlogits), None, None, None, None, None
-
-
-loss_forward.register_autograd(_loss_backward, setup_context=_loss_setup)
-
-
-def _fused_setup(ctx, inputs, output):
-    hs, ts, weight, bias, _labels, block_size, symmetric, *_loss_args, allow_tf32 = inputs
-    _, logits, dloss_dlogits = output
-    _save_head(ctx, hs, ts, weight, bias, block_size, symmetric, allow_tf32, dloss_dlogits)
-    ctx.mark_non_differentiable(logits, dloss_dlogits)
-
-
-def _fused_backward(ctx, grad_loss, _grad_logits, _grad_dlogits):
-    hs, ts, weight, dloss_dlogits = ctx.saved_tensors
-    grads = _head_grads(ctx, _scaled_grad(grad_loss, dloss_dlogits), hs, ts, weight)
-    return (*grads, *([None] * 8))
-
-
-fused_forward.register_autograd(_fused_backward, setup_context=_fused_setup)
+_OPS = {"head_forward": head_forward, "loss_forward": loss_forward, "fused_forward": fused_forward}
+_op_autograd.register_autograd(
+    lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup), head_backward
+)
 
 
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).

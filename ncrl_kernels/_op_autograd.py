@@ -1,0 +1,113 @@
+"""Fake kernels and autograd shared by the two operator families:
+
+- the extension's ``ncrl_kernels::head_forward``, ``head_backward``, ``loss_forward`` and
+  ``fused_forward`` (schemas in csrc/ops.cpp; "cpp" and "cuda" backends),
+- the Triton ``ncrl_kernels::triton_*`` ops (triton_kernels/backend.py), which take the same
+  arguments plus trailing ones of their own (``allow_tf32``), handed on unchanged to their
+  ``head_backward``.
+
+Forward ops return d loss / d logits along with the loss, so a backward only scales it by the
+incoming gradient and runs the head backward, which recomputes the feature tiles. Nothing but
+the inputs and d loss / d logits ([N, C]) is saved.
+"""
+from .reference import loss_dtype
+
+HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
+LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
+FUSED_ARGS = 11  # hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction
+
+
+def fake_head_forward(hs, ts, weight, bias, block_size, symmetric, *extra):
+    return hs.new_empty((hs.shape[0], weight.shape[0]))
+
+
+def empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad,
+                     *extra):
+    """Unfilled (d hs, d ts, d weight, d bias), also the fake kernel: outputs not asked for are
+    empty; d bias is in the loss dtype."""
+    return (
+        hs.new_empty(hs.shape if input_grad else 0),
+        ts.new_empty(ts.shape if input_grad else 0),
+        weight.new_empty(weight.shape if weight_grad else 0),
+        weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype(hs.dtype)),
+    )
+
+
+def fake_loss_forward(logits, labels, loss, gamma, margin_reg, reduction, *extra):
+    """(loss, d loss / d logits), both in the loss dtype."""
+    dtype = loss_dtype(logits.dtype)
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(logits.shape, dtype=dtype)
+
+
+def fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction,
+                       *extra):
+    """(loss, logits in the head's dtype, d loss / d logits)."""
+    dtype = loss_dtype(hs.dtype)
+    n, classes = hs.shape[0], weight.shape[0]
+    shape = (n,) if reduction == "none" else ()
+    return hs.new_empty(shape, dtype=dtype), hs.new_empty((n, classes)), hs.new_empty((n, classes), dtype=dtype)
+
+
+FAKES = {
+    "head_forward": fake_head_forward,
+    "head_backward": empty_head_grads,
+    "loss_forward": fake_loss_forward,
+    "fused_forward": fake_fused_forward,
+}
+
+
+def scaled_grad(grad_loss, dloss_dlogits):
+    """d loss / d logits for an incoming gradient: a scalar (mean, sum) or one per pair (none)."""
+    return grad_loss.reshape(-1, 1) * dloss_dlogits
+
+
+def register_autograd(register, head_backward):
+    """Register the autograd of one family's head_forward, loss_forward and fused_forward.
+
+    ``register(name, backward, setup_context)`` registers for the family's op ``name`` (e.g.
+    ``"head_forward"``); ``head_backward`` is the family's head backward op.
+    """
+
+    def save_head(ctx, hs, ts, weight, bias, block_size, symmetric, extra, *tensors):
+        ctx.save_for_backward(hs, ts, weight, *tensors)
+        ctx.block_size, ctx.symmetric, ctx.extra = block_size, symmetric, extra
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def head_grads(ctx, grad_logits, hs, ts, weight):
+        """Gradients of (hs, ts, weight, bias), None where not needed."""
+        need = ctx.needs_input_grad
+        dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
+                                                 need[0] or need[1], need[2] or need[3], *ctx.extra)
+        return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
+                dbias.to(ctx.bias_dtype) if need[3] else None)
+
+    def head_setup(ctx, inputs, output):
+        save_head(ctx, *inputs[:HEAD_ARGS], inputs[HEAD_ARGS:])
+
+    def head_backward_fn(ctx, grad_logits):
+        return (*head_grads(ctx, grad_logits, *ctx.saved_tensors), *[None] * (HEAD_ARGS - 4 + len(ctx.extra)))
+
+    def loss_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.num_inputs = len(inputs)
+
+    def loss_backward_fn(ctx, grad_loss, _grad_dlogits):
+        (dloss_dlogits,) = ctx.saved_tensors
+        return scaled_grad(grad_loss, dloss_dlogits), *[None] * (ctx.num_inputs - 1)
+
+    def fused_setup(ctx, inputs, output):
+        hs, ts, weight, bias, _labels, block_size, symmetric = inputs[:7]
+        _, logits, dloss_dlogits = output
+        save_head(ctx, hs, ts, weight, bias, block_size, symmetric, inputs[FUSED_ARGS:], dloss_dlogits)
+        ctx.mark_non_differentiable(logits, dloss_dlogits)
+
+    def fused_backward_fn(ctx, grad_loss, _grad_logits, _grad_dlogits):
+        hs, ts, weight, dloss_dlogits = ctx.saved_tensors
+        grads = head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts, weight)
+        return (*grads, *[None] * (FUSED_ARGS - 4 + len(ctx.extra)))
+
+    register("head_forward", head_backward_fn, head_setup)
+    register("loss_forward", loss_backward_fn, loss_setup)
+    register("fused_forward", fused_backward_fn, fused_setup)
