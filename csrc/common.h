@@ -38,9 +38,7 @@ double row_grad_scale(Reduction reduction, int64_t n);
 // Per-row losses [N] -> the reduced loss (mean divides by N, and is 0 when N == 0).
 at::Tensor reduce_rows(const at::Tensor& row_loss, Reduction reduction);
 
-// A tensor as the kernels read it: contiguous, in the compute type `ct`, and detached, because
-// the CPU kernels' ATen calls inside at::parallel_for run on worker threads that do not inherit the
-// dispatcher's below-autograd state, and out= ops refuse arguments that require grad.
+// A tensor as the kernels read it: contiguous, in the compute type `ct`.
 at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct);
 
 // hs, ts and weight as the head kernels read them (to_compute, in the compute type of hs).

@@ -77,7 +77,7 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, Reduction reduction) {
 }
 
 at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct) {
-  return x.detach().to(ct).contiguous();
+  return x.to(ct).contiguous();
 }
 
 HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight) {
@@ -89,7 +89,7 @@ at::Tensor bias_logits(const HeadSizes& s, const std::optional<at::Tensor>& bias
   // Always a fresh tensor: the kernels add into it (for N == 1 a view of the bias would pass for
   // contiguous, and the bias would be overwritten).
   at::Tensor logits = at::empty({s.n, s.classes}, options);
-  return bias.has_value() ? logits.copy_(bias->detach().unsqueeze(0).expand_as(logits)) : logits.zero_();
+  return bias.has_value() ? logits.copy_(bias->unsqueeze(0).expand_as(logits)) : logits.zero_();
 }
 
 LossBatch loss_batch(const at::Tensor& labels, c10::string_view loss, double gamma, bool margin_reg,

@@ -264,3 +264,22 @@ def test_symmetric_exact_ties_split_the_gradient(device, backend):
     for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), (got[0], got[1], *got[2]),
                           (want[0], want[1], *want[2])):
         assert_close(a, e, torch.float32, f"{backend} ties {name}")
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_without_autograd(device, backend, mode):
+    """Evaluation: under torch.inference_mode() (outputs are inference tensors) or no_grad with
+    inputs that require grad, on several pair tiles (kernels on worker threads)."""
+    hs, ts, weight, bias, labels = make_head_inputs(300, 32, 8, 5, device=device)
+    want = run_fused("reference", *fp64(hs, ts, weight, bias), labels.cpu(), block_size=8)
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    args = leaves(hs, ts, weight, bias) if mode == "no_grad" else (hs, ts, weight, bias)
+    with context:
+        value, logits = ncrl_kernels.fused_ncrl(*args, labels, block_size=8, return_logits=True, backend=backend)
+        head = ncrl_kernels.group_bilinear(*args, block_size=8, backend=backend)
+        loss = ncrl_kernels.ncrl_loss(head, labels, backend=backend)
+    for name, got, expected in (("loss", value, want[0]), ("logits", logits, want[1]), ("head", head, want[1]),
+                                ("loss on logits", loss, want[0])):
+        assert not got.requires_grad
+        assert_close(got, expected, torch.float32, f"{backend} {mode} {name}")

@@ -7,6 +7,7 @@
 //   d hs, d ts     parallel over pair tiles: dX = grad @ W_g, reduced against ts / hs per pair
 //   d weight       parallel over (group, feature-row chunk) units, each looping over all pair tiles
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +25,18 @@
 
 namespace ncrl {
 namespace {
+
+// at::parallel_for with the caller's thread-local state in every worker: OpenMP workers do not
+// inherit it, and the ATen calls in the bodies (addmm_, mm_out) depend on it (inference mode: the
+// outputs are inference tensors; the dispatcher's below-autograd keys: the inputs may require grad).
+template <typename Body>
+void parallel_for_with_state(int64_t begin, int64_t end, int64_t grain, const Body& body) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard guard(state);
+    body(first, last);
+  });
+}
 
 // Rows per pair tile: enough tiles for every thread, at most 256 rows so that one group's feature
 // tile ([256, B*B] fp32, 4 MiB for B = 64) stays cache-resident between its build and its GEMM.
@@ -117,7 +130,7 @@ void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric
   const int64_t num_tiles = (s.n + tile - 1) / tile;
   const T* h = in.hs.data_ptr<T>();
   const T* t = in.ts.data_ptr<T>();
-  at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+  parallel_for_with_state(0, num_tiles, 1, [&](int64_t first, int64_t last) {
     at::Tensor features = at::empty({tile, BB}, logits.options());
     for (int64_t k = first; k < last; ++k) {
       const int64_t r0 = k * tile, rows = std::min(tile, s.n - r0);
@@ -147,7 +160,7 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
       const at::Tensor blocks = w.view({s.classes, s.groups, s.block, s.block});
       w = (blocks + blocks.transpose(2, 3)).reshape({s.classes, s.emb * s.block});
     }
-    at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+    parallel_for_with_state(0, num_tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor dfeat = at::empty({tile, BB}, grad.options());
       for (int64_t k = first; k < last; ++k) {
         const int64_t r0 = k * tile, rows = std::min(tile, s.n - r0);
@@ -166,7 +179,7 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
     int64_t chunk = s.block;
     while (s.groups * (s.block / chunk) < 4 * at::get_num_threads() && chunk % 2 == 0 && chunk > 8) chunk /= 2;
     const int64_t chunks = s.block / chunk;
-    at::parallel_for(0, s.groups * chunks, 1, [&](int64_t first, int64_t last) {
+    parallel_for_with_state(0, s.groups * chunks, 1, [&](int64_t first, int64_t last) {
       at::Tensor features = at::empty({tile, chunk * s.block}, grad.options());
       for (int64_t u = first; u < last; ++u) {
         const int64_t g = u / chunks, i0 = (u % chunks) * chunk;
@@ -213,7 +226,7 @@ struct CpuKernels {
 
   static void loss_rows(const at::Tensor& logits, LossBatch& loss) {
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "loss_forward_cpu", [&] {
-      at::parallel_for(0, logits.size(0), 256, [&](int64_t first, int64_t last) {
+      parallel_for_with_state(0, logits.size(0), 256, [&](int64_t first, int64_t last) {
         loss_row_range<scalar_t>(logits, loss, first, last - first);
       });
     });
