@@ -36,9 +36,9 @@ def pair_bucket(n):
     return min(max(triton.next_power_of_2(n), 256), 16384)
 
 
-def autotune(gpu_configs, interpreter_config, key=("N_BUCKET", "E", "B", "C")):
-    """triton.autotune over a few configs, keyed on shape buckets (the autotuner adds the pointer
-    dtypes to the key). The interpreter cannot time kernels, so it runs `interpreter_config` alone;
+def autotune(gpu_configs, interpreter_config, key=("N_BUCKET", "E", "B", "C", "SYMMETRIC", "ALLOW_TF32")):
+    """triton.autotune over a few configs, keyed on shape buckets and the compile-time switches
+    that change a kernel's cost (the autotuner adds the pointer dtypes to the key). The interpreter cannot time kernels, so it runs `interpreter_config` alone;
     large tiles there mean few Python-level steps."""
     if TRITON_INTERPRET:
         configs = [interpreter_config]

@@ -18,8 +18,10 @@ kernels; everything else is identical.
 
 fp32 matmuls use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set (the flag
 cuBLAS follows, set by ``torch.set_float32_matmul_precision("high")``); it is read when the op is
-called and passed to the kernels.
+called and passed to the kernels (always False for other dtypes). Kernels launch on the device of
+their tensors.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -32,6 +34,12 @@ from ._common import LOSS_CODES
 from .head_backward import launch_head_backward
 from .head_forward import launch_head_forward
 from .loss_rows import launch_loss
+
+
+def _on_device(tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one (as CUDAGuard does
+    for the C++ kernels), e.g. under DDP without torch.cuda.set_device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _define(name, fn):
@@ -52,8 +60,9 @@ def _head_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor]
                   symmetric: bool, allow_tf32: bool) -> Tensor:
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     logits = hs.new_empty((hs.shape[0], weight.shape[0]))
-    launch_head_forward(hs, ts, weight, None if bias is None else bias.contiguous(), logits, block_size=block_size,
-                        symmetric=symmetric, allow_tf32=allow_tf32)
+    with _on_device(hs):
+        launch_head_forward(hs, ts, weight, None if bias is None else bias.contiguous(), logits,
+                            block_size=block_size, symmetric=symmetric, allow_tf32=allow_tf32)
     return logits
 
 
@@ -67,11 +76,12 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad)
-    launch_head_backward(
-        grad_logits.contiguous(), hs, ts, weight, block_size=block_size, symmetric=symmetric, allow_tf32=allow_tf32,
-        dhs=dhs if input_grad else None, dts=dts if input_grad else None,
-        dweight=dweight if weight_grad else None, dbias=dbias if weight_grad else None,
-    )
+    with _on_device(hs):
+        launch_head_backward(
+            grad_logits.contiguous(), hs, ts, weight, block_size=block_size, symmetric=symmetric,
+            allow_tf32=allow_tf32, dhs=dhs if input_grad else None, dts=dts if input_grad else None,
+            dweight=dweight if weight_grad else None, dbias=dbias if weight_grad else None,
+        )
     return dhs, dts, dweight, dbias
 
 
@@ -83,8 +93,9 @@ def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margi
     """(loss, d loss / d logits), computed in the loss dtype."""
     logits = logits.to(loss_dtype(logits.dtype)).contiguous()
     row_loss, dlogits = logits.new_empty(logits.shape[0]), torch.empty_like(logits)
-    launch_loss(logits, labels.contiguous(), dlogits, row_loss, loss=LOSS_CODES[loss], gamma=gamma,
-                margin_reg=margin_reg, mean=reduction == "mean")
+    with _on_device(logits):
+        launch_loss(logits, labels.contiguous(), dlogits, row_loss, loss=LOSS_CODES[loss], gamma=gamma,
+                    margin_reg=margin_reg, mean=reduction == "mean")
     return reduce_pairs(row_loss, reduction), dlogits
 
 
@@ -102,11 +113,12 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
     logits = hs.new_empty((n, classes))
     dlogits = hs.new_empty((n, classes), dtype=loss_dtype(hs.dtype))
     row_loss = hs.new_empty((n,), dtype=loss_dtype(hs.dtype))
-    launch_head_forward(
-        hs, ts, weight, None if bias is None else bias.contiguous(), logits, block_size=block_size,
-        symmetric=symmetric, allow_tf32=allow_tf32, labels=labels.contiguous(), dlogits=dlogits, row_loss=row_loss,
-        loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean",
-    )
+    with _on_device(hs):
+        launch_head_forward(
+            hs, ts, weight, None if bias is None else bias.contiguous(), logits, block_size=block_size,
+            symmetric=symmetric, allow_tf32=allow_tf32, labels=labels.contiguous(), dlogits=dlogits,
+            row_loss=row_loss, loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean",
+        )
     return reduce_pairs(row_loss, reduction), logits, dlogits
 
 
@@ -121,12 +133,14 @@ _op_autograd.register_autograd(
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
 
 
-def _allow_tf32():
-    return torch.backends.cuda.matmul.allow_tf32
+def _allow_tf32(dtype):
+    """TF32 for fp32 inputs when torch allows it for matmuls (other dtypes never use it, so the
+    flag stays False for them: no duplicate kernel variants)."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    return head_forward(hs, ts, weight, bias, block_size, symmetric, _allow_tf32())
+    return head_forward(hs, ts, weight, bias, block_size, symmetric, _allow_tf32(hs.dtype))
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
@@ -135,5 +149,5 @@ def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
 
 def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
     value, logits, _ = fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma),
-                                     margin_reg, reduction, _allow_tf32())
+                                     margin_reg, reduction, _allow_tf32(hs.dtype))
     return value, logits

@@ -53,7 +53,8 @@ FORWARD_CONFIGS = [
 ]
 
 
-@autotune(FORWARD_CONFIGS, config(1, 1, BLOCK_N=128, EPILOGUE_ROWS=128))
+@autotune(FORWARD_CONFIGS, config(1, 1, BLOCK_N=128, EPILOGUE_ROWS=128),
+          key=("N_BUCKET", "E", "B", "C", "SYMMETRIC", "ALLOW_TF32", "LOSS"))
 @triton.jit(do_not_specialize=["N"])
 def head_forward_kernel(
     hs, ts, weight, bias, labels, logits, dlogits, row_loss, N, N_BUCKET,

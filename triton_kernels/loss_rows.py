@@ -115,8 +115,11 @@ def loss_tile(logits, labels, dlogits, row_loss, first, N, C: tl.constexpr, LOSS
               GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr, ROWS: tl.constexpr,
               BLOCK_C: tl.constexpr):
     """Rows first .. first + ROWS - 1: read logits and labels, write the row losses and
-    d(loss)/d(logits), 1/N-scaled for the mean reduction. Every element is read and written by the
-    same thread, so `dlogits` may be `logits` (the fused kernel's in-place epilogue)."""
+    d(loss)/d(logits), 1/N-scaled for the mean reduction. `dlogits` may be `logits` (the fused
+    kernel's in-place epilogue): a barrier separates all of the tile's loads from its stores,
+    because Triton may hold one element in several threads (a tile smaller than the thread count,
+    or a load repeated in another layout), and a warp storing a gradient must not overwrite a logit
+    another warp has yet to load."""
     rows = first + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
@@ -128,6 +131,7 @@ def loss_tile(logits, labels, dlogits, row_loss, first, N, C: tl.constexpr, LOSS
     loss, grad = loss_rows(f, y, cols, C, LOSS, GAMMA, MARGIN_REG)
     if MEAN:
         grad = grad / tl.maximum(N, 1).to(f.dtype)
+    tl.debug_barrier()
     tl.store(row_loss + rows, loss, mask=row_ok)
     tl.store(dlogits + at, grad, mask=ok)
 
