@@ -62,7 +62,13 @@ def unavailable_reason(name, device):
             return "Triton is not installed (`pip install triton`)"
         if TRITON_IMPORT_ERROR is not None:
             return f"the Triton kernels failed to import ({TRITON_IMPORT_ERROR})"
-        if kind == "cuda" or (kind == "cpu" and TRITON_INTERPRET):
+        if kind == "cuda":
+            if TRITON_INTERPRET:
+                return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+            return None
+        if kind == "cpu" and TRITON_INTERPRET:
             return None
         return (
             f"Triton kernels run on CUDA tensors, these are on {device} (on the CPU only under the "

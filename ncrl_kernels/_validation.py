@@ -3,6 +3,8 @@
 They run before dispatch and look only at metadata (shape, dtype, device), so they never
 synchronise a GPU stream and trace cleanly under ``torch.compile``.
 """
+import numbers
+
 import torch
 
 from .reference import LOSSES
@@ -30,8 +32,10 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on the same device, got {found}; move them with .to(device)")
 
 
-def check_head(hs, ts, weight, bias, block_size):
-    """Checks of the group-bilinear head; returns (N, E, C)."""
+def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
+    """Checks of the group-bilinear head; returns (N, E, C). Under autocast (`autocast_dtype`),
+    hs, ts and weight must share the dtype they will run in (every floating dtype but fp64 is
+    cast to the autocast dtype)."""
     check_tensor("hs", hs, ndim=2)
     check_tensor("ts", ts, ndim=2)
     check_tensor("weight", weight, ndim=2)
@@ -40,12 +44,15 @@ def check_head(hs, ts, weight, bias, block_size):
     check_same_device(hs=hs, ts=ts, weight=weight, bias=bias)
     if hs.shape != ts.shape:
         raise ValueError(f"hs and ts must have the same shape [N, E], got {tuple(hs.shape)} and {tuple(ts.shape)}")
-    if not (hs.dtype == ts.dtype == weight.dtype):
+    def run_dtype(x):
+        return autocast_dtype if autocast_dtype is not None and x.dtype != torch.float64 else x.dtype
+
+    if not (run_dtype(hs) == run_dtype(ts) == run_dtype(weight)):
         raise TypeError(
             f"hs, ts and weight must share one dtype, got {hs.dtype}, {ts.dtype} and {weight.dtype}; "
             "cast them with .to(dtype) or run under torch.autocast"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     n, emb = hs.shape
     if emb % block_size != 0:
@@ -66,7 +73,7 @@ def check_loss_args(loss, gamma, reduction):
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must be a float in [0, 1), got {gamma!r}")
 
 

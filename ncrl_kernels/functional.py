@@ -2,19 +2,25 @@
 way ATLOP runs under it (head in the autocast dtype, loss in fp32), then hands over to one backend
 from the dispatch table (``_dispatch``).
 """
+import numbers
+
 import torch
 
 from . import _dispatch, _validation, reference
 
 
-def _under_autocast(hs, ts, weight):
-    """Cast the head's inputs to the autocast dtype when autocast is on for their device, as
-    F.linear would; the bias keeps its dtype and the loss stays fp32."""
-    kind = hs.device.type
-    if not torch.is_autocast_enabled(kind):
+def _autocast_dtype(device):
+    """The dtype the head runs in under torch.autocast on `device`, or None when autocast is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _autocast_head(hs, ts, weight, dtype):
+    """The head's inputs as F.linear takes them under autocast: every floating tensor but fp64 in
+    the autocast dtype. The bias keeps its dtype and the loss stays fp32. Runs after validation
+    (a cast is a kernel)."""
+    if dtype is None:
         return hs, ts, weight
-    dtype = torch.get_autocast_dtype(kind)
-    return tuple(x.to(dtype) if x.is_floating_point() else x for x in (hs, ts, weight))
+    return tuple(x if x.dtype == torch.float64 else x.to(dtype) for x in (hs, ts, weight))
 
 
 def _float_labels(labels, dtype):
@@ -43,10 +49,11 @@ def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False,
         logits ``[N, C]`` in the dtype of ``hs``.
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
-    hs, ts, weight = _under_autocast(hs, ts, weight)
-    _validation.check_head(hs, ts, weight, bias, block_size)
+    autocast = _autocast_dtype(hs.device)
+    _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     impl = _dispatch.resolve(backend, hs.device)
-    return impl.group_bilinear(hs, ts, weight, bias, block_size, bool(symmetric))
+    hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
+    return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric))
 
 
 def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
@@ -88,13 +95,14 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     :func:`predict`).
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
-    hs, ts, weight = _under_autocast(hs, ts, weight)
-    n, _, classes = _validation.check_head(hs, ts, weight, bias, block_size)
+    autocast = _autocast_dtype(hs.device)
+    n, _, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     _validation.check_loss_args(loss, gamma, reduction)
     _validation.check_labels(labels, n, classes, hs.device)
     impl = _dispatch.resolve(backend, hs.device)
+    hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
     value, logits = impl.fused(
-        hs, ts, weight, bias, _float_labels(labels, hs.dtype), block_size, bool(symmetric), loss, float(gamma),
+        hs, ts, weight, bias, _float_labels(labels, hs.dtype), int(block_size), bool(symmetric), loss, float(gamma),
         bool(margin_reg), reduction,
     )
     return (value, logits.detach()) if return_logits else value
@@ -106,10 +114,10 @@ def predict(logits, *, num_labels=-1):
     set when nothing else is."""
     _check_tensors(logits=logits)
     _validation.check_tensor("logits", logits, ndim=2)
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int):
+    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral):
         raise TypeError(f"num_labels must be an int (-1 or 0 for no limit), got {num_labels!r}")
     with torch.no_grad():
-        return reference.predict(logits, num_labels)
+        return reference.predict(logits, int(num_labels))
 
 
 def available_backends(device="cpu"):

@@ -32,8 +32,8 @@ class GroupBilinear(nn.Module):
     def __init__(self, emb_size, block_size, num_classes, bias=True, *, symmetric=False, backend="auto",
                  device=None, dtype=None):
         super().__init__()
-        if emb_size % block_size != 0:
-            raise ValueError(f"emb_size={emb_size} must be divisible by block_size={block_size}")
+        if block_size <= 0 or emb_size % block_size != 0:
+            raise ValueError(f"emb_size={emb_size} must be divisible by a positive block_size, got {block_size}")
         self.emb_size, self.block_size, self.num_classes = emb_size, block_size, num_classes
         self.symmetric, self.backend = symmetric, backend
         factory = {"device": device, "dtype": dtype}

@@ -32,6 +32,8 @@ def test_group_bilinear_initialises_like_linear():
     assert ncrl_kernels.GroupBilinear(64, 8, 7, bias=False).bias is None
     with pytest.raises(ValueError, match="divisible"):
         ncrl_kernels.GroupBilinear(60, 8, 7)
+    with pytest.raises(ValueError, match="positive block_size"):
+        ncrl_kernels.GroupBilinear(64, 0, 7)
 
 
 @pytest.mark.parametrize("device,backend", all_backends())

@@ -172,3 +172,44 @@ def test_validation_never_syncs_the_gpu(good):
             fused(good, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_autocast_rules(device, backend, good):
+    """Under autocast, validation runs on the inputs as given (an int tensor is still refused) and
+    dtypes are compared as autocast will run them: fp32/bf16 mix is fine, fp64 is never cast."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter has no bf16")
+    good = {k: v.to(device) for k, v in good.items()}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="hs"):
+            fused({**good, "hs": good["hs"].long()}, backend)
+        with pytest.raises(TypeError, match="one dtype"):
+            fused({**good, "hs": good["hs"].double()}, backend)
+        mixed = head({**good, "hs": good["hs"].to(torch.bfloat16)}, backend)
+        assert mixed.dtype == torch.bfloat16
+    if backend != "triton":
+        with torch.autocast(device, dtype=torch.bfloat16):
+            fp64 = head({k: (v.double() if k != "labels" else v) for k, v in good.items()}, backend)
+        assert fp64.dtype == torch.float64
+
+
+def test_numpy_scalars_are_accepted(good):
+    import numpy as np
+
+    value = fused(good, "auto", gamma=np.float32(0.05), block_size=np.int64(B))
+    assert torch.isfinite(value)
+    assert ncrl_kernels.predict(make_logits(N, C), num_labels=np.int64(2)).shape == (N, C)
+
+
+def test_triton_on_cuda_needs_a_gpu_and_no_interpreter(monkeypatch):
+    from ncrl_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(_dispatch, "TRITON_IMPORT_ERROR", None)
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", True)
+    assert "interpreted" in _dispatch.unavailable_reason("triton", torch.device("cuda"))
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in _dispatch.unavailable_reason("triton", torch.device("cuda"))
+    assert "triton" not in ncrl_kernels.available_backends("cuda")
