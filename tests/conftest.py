@@ -98,13 +98,42 @@ def make_logits(n, classes, *, dtype=torch.float32, device="cpu", seed=0, scale=
     return (torch.randn(n, classes, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-def fp64(*tensors):
-    """Detached fp64 CPU leaf copies (requiring grad) for the reference side."""
-    return [None if t is None else t.detach().cpu().double().requires_grad_() for t in tensors]
+def fp64(*tensors, same_device=False):
+    """Detached fp64 leaf copies (requiring grad) for the reference side: on the CPU, or on the
+    tensors' own device (the reference at DocRED size builds a [N, 49152] feature, which a GPU
+    does in milliseconds)."""
+    return [None if t is None else t.detach().to("cpu" if not same_device else t.device).double().requires_grad_()
+            for t in tensors]
 
 
 def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def upstream(value, seed=3):
+    """A random incoming gradient, so "none" reductions check the per-pair scaling too."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(value.shape, generator=g, dtype=torch.float64) + 0.5).to(value.device, value.dtype)
+
+
+def run_fused(backend, hs, ts, weight, bias, labels, **kw):
+    """(loss, logits, d hs, d ts, d weight[, d bias]) of fused_ncrl with a random upstream gradient."""
+    value, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, return_logits=True, backend=backend, **kw)
+    params = [x for x in (hs, ts, weight, bias) if x is not None]
+    return (value, logits, *torch.autograd.grad(value, params, upstream(value)))
+
+
+RESULT_NAMES = ("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias")
+
+
+def cuda_peak_extra_mib(fn):
+    """Peak CUDA memory `fn()` allocates beyond what is allocated when it starts, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 @pytest.fixture

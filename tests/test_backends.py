@@ -8,6 +8,7 @@ import ncrl_kernels
 from ncrl_kernels import reference
 
 from conftest import (
+    RESULT_NAMES,
     all_backends,
     assert_close,
     devices,
@@ -18,6 +19,8 @@ from conftest import (
     make_head_inputs,
     make_labels,
     make_logits,
+    run_fused,
+    upstream,
 )
 
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
@@ -38,19 +41,6 @@ SHAPES = [
 ]
 
 
-def upstream(value, seed=3):
-    """A random incoming gradient, so "none" reductions check the per-pair scaling too."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(value.shape, generator=g, dtype=torch.float64) + 0.5).to(value.device, value.dtype)
-
-
-def run_fused(backend, hs, ts, weight, bias, labels, **kw):
-    value, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, return_logits=True, backend=backend, **kw)
-    params = [x for x in (hs, ts, weight, bias) if x is not None]
-    grads = torch.autograd.grad(value, params, upstream(value))
-    return value, logits, grads
-
-
 def check_fused(device, backend, shape, dtype, *, symmetric=False, loss="ncrl", gamma=0.0, margin_reg=True,
                 reduction="mean", scale=1.0, bias=True):
     n, emb, block, classes = shape
@@ -62,8 +52,7 @@ def check_fused(device, backend, shape, dtype, *, symmetric=False, loss="ncrl", 
     want = run_fused("reference", *fp64(hs, ts, weight, b), labels.cpu(), **kw)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got[1].dtype == dtype and not got[1].requires_grad
-    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), (got[0], got[1], *got[2]),
-                          (want[0], want[1], *want[2])):
+    for name, a, e in zip(RESULT_NAMES, got, want):
         assert_close(a, e, dtype, f"{backend} {name}")
     return got
 
@@ -219,8 +208,8 @@ def test_non_contiguous_inputs(device, backend):
     kw = dict(block_size=block, symmetric=True, backend=backend)
     got = run_fused(backend, *leaves(hs_nc, ts_nc, w_nc, b_nc), y_nc, block_size=block, symmetric=True)
     want = run_fused(backend, *leaves(hs, ts, weight, bias), labels, block_size=block, symmetric=True)
-    for a, e in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
-        assert_close(a, e, torch.float32, "non-contiguous")
+    for name, a, e in zip(RESULT_NAMES, got, want):
+        assert_close(a, e, torch.float32, f"non-contiguous {name}")
     logits = ncrl_kernels.group_bilinear(hs_nc, ts_nc, w_nc, b_nc, **kw)
     assert_close(logits, want[1], torch.float32, "non-contiguous head")
     value = ncrl_kernels.ncrl_loss(logits.T.contiguous().T, y_nc, backend=backend)
@@ -233,7 +222,7 @@ def test_bitwise_deterministic(device, backend, symmetric):
     hs, ts, weight, bias, labels = make_head_inputs(300, 32, 8, 5, device=device)
     first, second = (run_fused(backend, *leaves(hs, ts, weight, bias), labels, block_size=8, symmetric=symmetric)
                      for _ in range(2))
-    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+    for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
@@ -261,8 +250,7 @@ def test_symmetric_exact_ties_split_the_gradient(device, backend):
     kw = dict(block_size=8, symmetric=True)
     got = run_fused(backend, *leaves(hs, ts, weight, bias), labels, **kw)
     want = run_fused("reference", *fp64(hs, ts, weight, bias), labels.cpu(), **kw)
-    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), (got[0], got[1], *got[2]),
-                          (want[0], want[1], *want[2])):
+    for name, a, e in zip(RESULT_NAMES, got, want):
         assert_close(a, e, torch.float32, f"{backend} ties {name}")
 
 

@@ -8,8 +8,8 @@ import torch
 
 import ncrl_kernels
 
-from conftest import leaves, make_head_inputs
-from test_backends import check_fused, run_fused
+from conftest import cuda_peak_extra_mib, leaves, make_head_inputs, run_fused
+from test_backends import check_fused
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +43,7 @@ def test_bitwise_deterministic_across_tiles(symmetric):
     hs, ts, weight, bias, labels = make_head_inputs(5000, 64, 64, 7, device="cuda")
     first, second = (run_fused("cuda", *leaves(hs, ts, weight, bias), labels, block_size=64, symmetric=symmetric)
                      for _ in range(2))
-    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+    for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
@@ -56,14 +56,10 @@ def test_memory_bounded_by_pair_tile():
     # Warm up so that cuBLAS' handle and workspace exist before measuring.
     run_fused("cuda", *leaves(hs[:64], ts[:64], weight, bias), labels[:64], block_size=block)
     params = leaves(hs, ts, weight, bias)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    ncrl_kernels.fused_ncrl(*params, labels, block_size=block, backend="cuda").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
-    feature_bytes = n * emb * block * 4
-    assert extra < 256 * MiB, f"peak extra memory {extra / MiB:.0f} MiB (the eager feature alone: {feature_bytes / MiB:.0f} MiB)"
+    extra = cuda_peak_extra_mib(
+        lambda: ncrl_kernels.fused_ncrl(*params, labels, block_size=block, backend="cuda").backward())
+    feature_mib = n * emb * block * 4 / MiB
+    assert extra < 256, f"peak extra memory {extra:.0f} MiB (the eager feature alone: {feature_mib:.0f} MiB)"
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])

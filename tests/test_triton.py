@@ -12,7 +12,17 @@ import torch
 
 import ncrl_kernels
 
-from conftest import assert_close, leaves, make_head_inputs, make_labels, make_logits
+from conftest import (
+    RESULT_NAMES,
+    assert_close,
+    cuda_peak_extra_mib,
+    fp64,
+    leaves,
+    make_head_inputs,
+    make_labels,
+    make_logits,
+    run_fused,
+)
 
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
@@ -34,24 +44,12 @@ def backend_module():
     return backend
 
 
-def fused_with_grads(backend, hs, ts, weight, bias, labels, **kw):
-    value, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, return_logits=True, backend=backend, **kw)
-    params = [x for x in (hs, ts, weight, bias) if x is not None]
-    return (value, logits, *torch.autograd.grad(value.sum(), params))
-
-
-def fp64_here(*tensors):
-    """fp64 leaf copies on the tensors' own device: the reference at DocRED size builds a
-    [N, 49152] feature, which the GPU does in milliseconds."""
-    return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
-
-
 def check_against_reference(device, shape, dtype, **kw):
     n, emb, block, classes = shape
     hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, dtype=dtype, device=device)
-    got = fused_with_grads("triton", *leaves(hs, ts, weight, bias), labels, block_size=block, **kw)
-    want = fused_with_grads("reference", *fp64_here(hs, ts, weight, bias), labels, block_size=block, **kw)
-    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), got, want):
+    got = run_fused("triton", *leaves(hs, ts, weight, bias), labels, block_size=block, **kw)
+    want = run_fused("reference", *fp64(hs, ts, weight, bias, same_device=True), labels, block_size=block, **kw)
+    for name, a, e in zip(RESULT_NAMES, got, want):
         assert_close(a, e, dtype, f"{shape} {dtype} {name}")
 
 
@@ -186,11 +184,11 @@ def test_docred_autocast_bf16(symmetric):
     hs, ts, weight, bias, labels = docred_inputs()
     args = leaves(hs, ts, weight, bias)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = fused_with_grads("triton", *args, labels, block_size=DOCRED[2], symmetric=symmetric)
-    want = fused_with_grads("reference", *fp64_here(*(x.to(torch.bfloat16) for x in (hs, ts, weight)), bias),
+        got = run_fused("triton", *args, labels, block_size=DOCRED[2], symmetric=symmetric)
+    want = run_fused("reference", *fp64(*(x.to(torch.bfloat16) for x in (hs, ts, weight)), bias, same_device=True),
                             labels, block_size=DOCRED[2], symmetric=symmetric)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
-    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), got, want):
+    for name, a, e in zip(RESULT_NAMES, got, want):
         assert_close(a, e, torch.bfloat16, f"autocast {name}")
 
 
@@ -200,7 +198,7 @@ def test_docred_autocast_bf16(symmetric):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_docred_bitwise_deterministic(dtype, symmetric):
     hs, ts, weight, bias, labels = docred_inputs(dtype)
-    runs = [fused_with_grads("triton", *leaves(hs, ts, weight, bias), labels, block_size=DOCRED[2], symmetric=symmetric)
+    runs = [run_fused("triton", *leaves(hs, ts, weight, bias), labels, block_size=DOCRED[2], symmetric=symmetric)
             for _ in range(3)]
     for later in runs[1:]:
         for a, b in zip(runs[0], later):
@@ -228,15 +226,6 @@ def test_docred_compiled_training_step():
         assert_close(a, e, torch.bfloat16, "compiled grad")
 
 
-def peak_extra_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 @pytest.mark.gpu
 @needs_cuda
 def test_docred_memory_bound():
@@ -251,8 +240,8 @@ def test_docred_memory_bound():
         ncrl_kernels.fused_ncrl(*params, labels, block_size=DOCRED[2], backend=backend).backward()
 
     step("triton")  # autotuning allocates benchmark buffers on the first call
-    fused = peak_extra_mib(lambda: step("triton"))
-    eager = peak_extra_mib(lambda: step("reference"))
+    fused = cuda_peak_extra_mib(lambda: step("triton"))
+    eager = cuda_peak_extra_mib(lambda: step("reference"))
     assert fused <= 0.05 * eager, f"fused {fused:.0f} MiB vs eager {eager:.0f} MiB"
 
 
@@ -266,9 +255,9 @@ def test_offsets_past_2_31():
     n = 2**31 // (emb * block) + 1000
     hs, ts, weight, bias, labels = docred_inputs(torch.bfloat16, n=n)
     kw = dict(block_size=block, reduction="sum")
-    whole = fused_with_grads("triton", *leaves(hs, ts, weight, bias), labels, **kw)
+    whole = run_fused("triton", *leaves(hs, ts, weight, bias), labels, **kw)
     chunk = 8192
-    parts = [fused_with_grads("triton", *leaves(hs[i:i + chunk], ts[i:i + chunk], weight, bias), labels[i:i + chunk],
+    parts = [run_fused("triton", *leaves(hs[i:i + chunk], ts[i:i + chunk], weight, bias), labels[i:i + chunk],
                               **kw) for i in range(0, n, chunk)]
     joined = [
         sum(p[0].double() for p in parts),
@@ -278,20 +267,27 @@ def test_offsets_past_2_31():
         sum(p[4].double() for p in parts),
         sum(p[5].double() for p in parts),
     ]
-    for name, a, e in zip(("loss", "logits", "d_hs", "d_ts", "d_weight", "d_bias"), whole, joined):
+    for name, a, e in zip(RESULT_NAMES, whole, joined):
         assert_close(a, e, torch.bfloat16, f"N={n} {name}")
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_new_n_reuses_the_tuned_config():
+def test_new_n_reuses_the_tuned_config(monkeypatch):
     """The autotuner keys on the power-of-two bucket of N: a new N in a seen bucket is not
-    re-tuned (and, N not being specialised on, not recompiled)."""
-    from ncrl_kernels.triton_kernels.head_forward import head_forward_kernel
+    re-tuned (and, N not being specialised on, not recompiled). The tests run with one config
+    (NCRL_TRITON_AUTOTUNE=0), which Triton never tunes, so the forward gets all of its configs
+    here."""
+    from ncrl_kernels.triton_kernels import head_forward as module
 
+    kernel = module.head_forward_kernel
+    monkeypatch.setattr(kernel, "configs", module.FORWARD_CONFIGS)
+    monkeypatch.setattr(kernel, "cache", {})
     tuned = None
-    for n in (3000, 3001, 4096, 2049):
+    for n in (3000, 3001, 4096, 2049):  # all in the bucket 4096
         hs, ts, weight, bias, labels = docred_inputs(n=n)
         ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=DOCRED[2], backend="triton")
-        tuned = tuned or dict(head_forward_kernel.cache)
-    assert head_forward_kernel.cache == tuned
+        if tuned is None:
+            tuned = dict(kernel.cache)
+            assert len(tuned) == 1, "the first call tunes once"
+    assert kernel.cache == tuned
