@@ -62,8 +62,8 @@ check-cuda-build: $(CUDA_VENV)/.deps-stamp
 	$(CUDA_VPY) tools/check_cuda_build.py
 
 # On a CUDA machine, no internet needed: install this checkout into the Python that is there (with
-# its CUDA torch and triton), run all tests including the GPU ones, the GPU benchmarks and the
-# plots, print a summary; under 8 minutes. Results go to bench/results/ (and $OUT when set).
+# its CUDA torch and triton), run the GPU benchmarks, the GPU tests and then the others, the plots,
+# print a summary; under 8 minutes. Results go to bench/results/ (and $OUT when set).
 gpu-check:
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 

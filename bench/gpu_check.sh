@@ -2,14 +2,18 @@
 # `make gpu-check`: the one command for a CUDA machine, no internet needed. It uses the Python
 # that is there (torch with CUDA and triton preinstalled; PYTHON=... to pick another), and:
 #   1. installs this checkout:    pip install --no-build-isolation --no-deps -e .
-#   2. runs every test, the GPU ones included (pytest, if installed: nothing is downloaded),
-#   3. runs the GPU benchmarks:   bench/run.py --device cuda --n 1024 4096 16384, fp32 and bf16
-#      (torch.autocast), modes fwd bwd fwd_bwd, every provider available on the device; then fp32
-#      once more with TF32 allowed on both sides (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, which both
-#      cuBLAS and the Triton kernels follow) into bench/results/tf32/,
-#   4. plots them (bench/plot.py) and prints a summary.
+#   2. runs the GPU benchmarks, the point of a GPU run, first: bench/run.py --device cuda
+#      --n 1024 4096 16384, modes fwd bwd fwd_bwd, every provider available on the device, for
+#      fp32 with TF32 allowed on both sides (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, which cuBLAS and
+#      the Triton kernels follow; into bench/results/tf32/), bf16 (torch.autocast), then IEEE
+#      fp32 (PyTorch's default). Rows are appended case by case, so a phase stopped at its time
+#      limit keeps what it measured,
+#   3. runs the GPU tests (pytest -m gpu), then the others if time is left (pytest, if installed:
+#      nothing is downloaded),
+#   4. plots the results (bench/plot.py) and prints a summary.
 # It stops itself before 8 minutes (each phase gets what is left of the budget). When $OUT is
-# set, the CSVs, plots and logs are copied there.
+# set, the GPU CSVs, a summary and one archive of the results and logs are copied there (4 files:
+# the device tool brings back at most 8).
 set -u -o pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -72,38 +76,39 @@ fi
 "$PY" -c "import ncrl_kernels; print('backends on cuda:', ncrl_kernels.available_backends('cuda'))" \
     2>&1 | tee -a "$LOGS/install.log"
 
-phase "tests: pytest (GPU tests included)"
+phase "benchmarks: bench/run.py"
+BENCH=(--device cuda --n 1024 4096 16384 --modes fwd bwd fwd_bwd --seconds 1)
+# The three runs share what is left but TESTS_S (kept for the GPU tests): a third, half of the
+# rest, then all of it; a run that finishes early leaves its time to the next. Each run appends
+# its rows case by case.
+TESTS_S=150
+TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 run_for $(( ($(left) - TESTS_S) / 3 )) "$LOGS/bench-fp32-tf32.log" \
+    "$PY" bench/run.py "${BENCH[@]}" --dtypes fp32 --results bench/results/tf32
+note "benchmark fp32 with TF32 on both sides: status $? -> bench/results/tf32/$GPU.csv"
+run_for $(( ($(left) - TESTS_S) / 2 )) "$LOGS/bench-bf16.log" "$PY" bench/run.py "${BENCH[@]}" --dtypes bf16
+note "benchmark bf16 (autocast): status $? -> bench/results/$GPU.csv"
+run_for $(( $(left) - TESTS_S )) "$LOGS/bench-fp32.log" "$PY" bench/run.py "${BENCH[@]}" --dtypes fp32
+note "benchmark fp32 (IEEE unless TF32 is on by default): status $? -> bench/results/$GPU.csv"
+
+phase "tests: pytest -m gpu, then the rest"
 : >"$LOGS/tests.log"
 if "$PY" -c "import pytest" 2>/dev/null; then
-    # Leave at least 3 minutes for the benchmarks.
-    run_for $(( $(left) - 180 )) "$LOGS/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider
-    status=$?
-    result=$(grep -E "(passed|failed|error)" "$LOGS/tests.log" | tail -n 1)
-    case $status in
-        0) note "tests: ${result:-passed}" ;;
-        124|130) note "tests: STOPPED at the time limit: ${result:-no summary}" ;;
-        *) note "tests: FAILED (status $status): ${result:-see $LOGS/tests.log}" ;;
-    esac
+    for selection in "gpu" "not gpu"; do
+        run_for $(( $(left) - 30 )) "$LOGS/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "$selection"
+        status=$?
+        result=$(grep -E "(passed|failed|error)" "$LOGS/tests.log" | tail -n 1)
+        case $status in
+            0) note "tests -m '$selection': ${result:-passed}" ;;
+            124|130) note "tests -m '$selection': STOPPED at the time limit: ${result:-no summary}" ;;
+            *) note "tests -m '$selection': FAILED (status $status): ${result:-see $LOGS/tests.log}" ;;
+        esac
+    done
 else
     note "tests: SKIPPED, pytest is not installed on this machine (no internet to install it)"
 fi
 
-phase "benchmarks: bench/run.py"
-BENCH=(--device cuda --n 1024 4096 16384 --modes fwd bwd fwd_bwd --seconds 1)
-if [[ -f bench/run.py ]]; then
-    # One run per dtype, so that each appends its rows even if a later one runs out of time.
-    run_for $(( $(left) - 120 )) "$LOGS/bench-fp32.log" "$PY" bench/run.py "${BENCH[@]}" --dtypes fp32
-    note "benchmark fp32 (IEEE unless TF32 is on by default): status $? -> bench/results/$GPU.csv"
-    run_for $(( $(left) - 60 )) "$LOGS/bench-bf16.log" "$PY" bench/run.py "${BENCH[@]}" --dtypes bf16
-    note "benchmark bf16 (autocast): status $? -> bench/results/$GPU.csv"
-    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 run_for $(( $(left) - 20 )) "$LOGS/bench-fp32-tf32.log" \
-        "$PY" bench/run.py "${BENCH[@]}" --dtypes fp32 --results bench/results/tf32
-    note "benchmark fp32 with TF32 on both sides: status $? -> bench/results/tf32/$GPU.csv"
-    phase "plots: bench/plot.py"
-    "$PY" bench/plot.py bench/results/*.csv bench/results/tf32/*.csv 2>&1 | tee "$LOGS/plot.log"
-else
-    note "benchmarks: SKIPPED, bench/run.py is not in this checkout"
-fi
+phase "plots: bench/plot.py"
+"$PY" bench/plot.py bench/results/*.csv bench/results/tf32/*.csv 2>&1 | tee "$LOGS/plot.log"
 
 phase "summary"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
@@ -117,10 +122,10 @@ echo "  total $(elapsed)s"
 
 if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
-    cp -f bench/results/*.csv bench/results/*.png "$OUT"/ 2>/dev/null
-    for f in bench/results/tf32/*.csv bench/results/tf32/*.png; do
-        [[ -f "$f" ]] && cp -f "$f" "$OUT/tf32-$(basename "$f")"
-    done
-    cp -f "$LOGS"/*.log "$OUT"/
-    echo "  copied results and logs to $OUT"
+    [[ -f "bench/results/$GPU.csv" ]] && cp -f "bench/results/$GPU.csv" "$OUT/"
+    [[ -f "bench/results/tf32/$GPU.csv" ]] && cp -f "bench/results/tf32/$GPU.csv" "$OUT/tf32-$GPU.csv"
+    for line in "${SUMMARY[@]}"; do echo "$line"; done >"$OUT/summary.txt"
+    # Everything else, the CSVs included in case the device name above was not found.
+    tar czf "$OUT/gpu-check.tar.gz" bench/results/*.csv bench/results/*.png bench/results/tf32 "$LOGS" 2>/dev/null
+    echo "  copied the GPU CSVs, summary.txt and gpu-check.tar.gz (CSVs, plots, logs) to $OUT"
 fi

@@ -78,10 +78,12 @@ def plot_file(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", nargs="*", help="default: bench/results/*.csv")
+    p.add_argument("csv", nargs="*", help="default: bench/results/*.csv (other CSVs are skipped)")
     args = p.parse_args(argv)
-    paths = args.csv or [p for p in sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "*.csv"))) if is_bench_csv(p)]
-    for path in paths:
+    for path in args.csv or sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "*.csv"))):
+        if not is_bench_csv(path):
+            print(f"skipped {path}: not a bench/run.py CSV")
+            continue
         for out in plot_file(path):
             print(f"wrote {out}")
 

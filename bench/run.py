@@ -175,37 +175,46 @@ def memory_pass(args, providers):
 
 
 def run(args):
-    """Times every case, then measures the memory of every case; on the CPU that happens in a
-    fresh process (see harness.py: the measurement needs a pristine heap and slows timings)."""
+    """Times every case and measures its peak extra memory, appending rows to the device's CSV.
+
+    CUDA: each case's row is appended as soon as it is measured, so a run stopped at a time limit
+    keeps what it finished. CPU: all timings first, then every case's memory in a fresh process
+    (harness.py: the measurement needs a pristine heap and would slow the timings), then the rows.
+    """
     device = torch.device(args.device)
     providers = args.providers or providers_for(device)
     steps = {p: make_step(p) for p in providers if p != "gemm-bound"}
     commit, stamp = harness.git_commit(), harness.timestamp()
     print(f"device {harness.device_name(device)}  commit {commit}  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  E={args.emb} B={args.block} C={args.classes}")
-    timings = {}
+
+    def row(key, timing, peak):
+        dtype_name, n, mode, provider = key
+        p50, p20, p80 = timing
+        return dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n, emb=args.emb,
+                    block=args.block, classes=args.classes, ms_p50=round(p50, 3), ms_p20=round(p20, 3),
+                    ms_p80=round(p80, 3), peak_mem_mib=round(peak, 1), device=harness.device_name(device),
+                    commit=commit, timestamp=stamp)
+
+    timings, rows = {}, []
     for key, (setup, fn) in jobs(args, device, providers, steps, check=True):
         reps = args.reps if key[1] != args.large_n else 2
         timings[key] = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
-        print("  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timings[key]),
-              flush=True)
-    print("peak extra memory ...", flush=True)
+        line = "  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timings[key])
+        if device.type == "cuda":
+            rows.append(row(key, timings[key], harness.peak_extra_mib(fn, device, setup)))
+            harness.append_rows(rows[-1:], device, args.results)
+            line += f" {rows[-1]['peak_mem_mib']:9.1f} MiB"
+        print(line, flush=True)
     if device.type == "cpu":
+        print("peak extra memory ...", flush=True)
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             peaks = pool.submit(memory_pass, args, providers).result()
-    else:
-        peaks = memory_pass(args, providers)
-    rows = []
-    for key, (p50, p20, p80) in timings.items():
-        dtype_name, n, mode, provider = key
-        rows.append(dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n, emb=args.emb,
-                         block=args.block, classes=args.classes, ms_p50=round(p50, 3), ms_p20=round(p20, 3),
-                         ms_p80=round(p80, 3), peak_mem_mib=round(peaks[key], 1),
-                         device=harness.device_name(device), commit=commit, timestamp=stamp))
-    path = harness.append_rows(rows, device, args.results)
+        rows = [row(key, timing, peaks[key]) for key, timing in timings.items()]
+        harness.append_rows(rows, device, args.results)
     print_summary(rows)
-    print(f"appended {len(rows)} rows to {path}")
+    print(f"appended {len(rows)} rows to {os.path.join(args.results, harness.device_name(device) + '.csv')}")
     return rows
 
 
