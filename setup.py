@@ -25,6 +25,9 @@ def cuda_build_reason():
         return f"torch {torch.__version__} is not a CUDA build"
     if CUDA_HOME is None:
         return "no CUDA toolkit found (set CUDA_HOME)"
+    # torch falls back to /usr/local/cuda whenever it exists, which runtime images ship without nvcc.
+    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return f"no nvcc in the CUDA toolkit at {CUDA_HOME} (set CUDA_HOME to a full toolkit)"
     if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         return "no CUDA sources in csrc/cuda"
     return None
