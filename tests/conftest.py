@@ -138,13 +138,12 @@ def cuda_peak_extra_mib(fn):
 
 @pytest.fixture
 def ieee_fp32():
-    """Pin IEEE fp32 matmuls (no TF32) for tight comparisons."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    """Pin IEEE fp32 matmuls (no TF32) for tight comparisons, through PyTorch's new precision API
+    only (reading the legacy flags raises once both APIs have been used)."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
     yield
-    torch.backends.cuda.matmul.allow_tf32 = old[0]
-    torch.set_float32_matmul_precision(old[1])
+    torch.backends.cuda.matmul.fp32_precision = old
 
 
 __all__ = ["reference"]

@@ -40,7 +40,7 @@ def family_ops(family):
         return (ops.head_forward, ops.head_backward, ops.loss_forward, ops.fused_forward), ()
     from ncrl_kernels.triton_kernels import backend
 
-    return (backend.head_forward, backend.head_backward, backend.loss_forward, backend.fused_forward), (False,)
+    return (backend.head_forward, backend.head_backward, backend.loss_forward, backend.fused_forward), ("ieee",)
 
 
 @pytest.mark.parametrize("device,family", op_families())

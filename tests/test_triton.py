@@ -1,7 +1,8 @@
 """What is particular to the Triton backend (the shared backend matrix in test_backends.py holds it
 to the reference like every other backend): its operators, shapes the matrix does not reach, the
-TF32 switch, that its kernels compile for real GPUs, and, on a CUDA machine, DocRED-sized runs,
-bitwise determinism, the memory bound, offsets past 2**31 and the autotune buckets."""
+fp32 precision policy, every candidate config, that its kernels compile for real GPUs, and, on a CUDA machine, DocRED-sized runs,
+bitwise determinism, the memory bound, offsets past 2**31 and 3xTF32's accuracy."""
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -44,13 +45,15 @@ def backend_module():
     return backend
 
 
-def check_against_reference(device, shape, dtype, **kw):
+def check_against_reference(device, shape, dtype, tolerance=None, **kw):
+    """The fused op and its gradients against the fp64 reference, within `tolerance`'s (default:
+    dtype's) tolerances."""
     n, emb, block, classes = shape
     hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, dtype=dtype, device=device)
     got = run_fused("triton", *leaves(hs, ts, weight, bias), labels, block_size=block, **kw)
     want = run_fused("reference", *fp64(hs, ts, weight, bias, same_device=True), labels, block_size=block, **kw)
     for name, a, e in zip(RESULT_NAMES, got, want):
-        assert_close(a, e, dtype, f"{shape} {dtype} {name}")
+        assert_close(a, e, tolerance or dtype, f"{shape} {dtype} {name}")
 
 
 # On the interpreter (CPU) and on CUDA.
@@ -81,59 +84,92 @@ def test_gradcheck(device, symmetric):
         assert torch.autograd.gradcheck(lambda f: loss_fn(f, labels, backend="triton"), logits, fast_mode=True)
 
 
+PRECISION_SETTINGS = {
+    "default": (lambda: None, "tf32x3"),
+    "legacy-allow_tf32": (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),
+    "set_float32_matmul_precision-high": (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    "set_float32_matmul_precision-highest": (lambda: torch.set_float32_matmul_precision("highest"), "tf32x3"),
+    "new-api-tf32": (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),
+    "new-api-ieee": (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "tf32x3"),
+    "new-api-global-tf32": (lambda: setattr(torch.backends, "fp32_precision", "tf32"), "tf32"),
+}
+
+
+@pytest.fixture
+def pristine_precision():
+    """PyTorch's fp32 precision settings back at their defaults before and after the test (the
+    legacy and new APIs must not be mixed in one test, so nothing is read through the legacy one)."""
+
+    def reset():
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+    reset()
+    yield
+    reset()
+
+
 @pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("allow_tf32", [False, True])
-def test_tf32_follows_torch(device, allow_tf32, monkeypatch):
-    """fp32 matmuls use TF32 exactly when torch.backends.cuda.matmul.allow_tf32 says so (the
-    interpreter ignores the precision, so this checks what reaches the operators)."""
+@pytest.mark.parametrize("setting", sorted(PRECISION_SETTINGS))
+def test_precision_follows_torch(device, setting, pristine_precision, monkeypatch):
+    """fp32 matmuls run as TF32 exactly where PyTorch allows TF32 for matmuls, set through either
+    API, and as 3xTF32 otherwise; nothing raises because of how it was set (the interpreter
+    ignores the precision, so this checks what reaches the operators). bf16/fp16/fp64 pass "ieee"."""
     backend = backend_module()
     seen = []
     for name in ("head_forward", "fused_forward"):
         op = getattr(backend, name)
         monkeypatch.setattr(backend, name, lambda *args, _op=op: seen.append(args[-1]) or _op(*args))
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    hs, ts, weight, bias, labels = make_head_inputs(4, 8, 4, 3, device=device)
-    ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend="triton")
-    ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, backend="triton")
-    assert seen == [allow_tf32, allow_tf32]
+    apply, want = PRECISION_SETTINGS[setting]
+    apply()
+    for dtype in (torch.float32, torch.float64):
+        hs, ts, weight, bias, labels = make_head_inputs(4, 8, 4, 3, dtype=dtype, device=device)
+        ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend="triton")
+        ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, backend="triton")
+    assert seen == [want, want, "ieee", "ieee"]
 
 
-def autotune_cases():
-    from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
+def candidate_configs(device):
+    """(table, operand kind, tiles) of every candidate config. On the interpreter, which ignores
+    warps and stages, each distinct pair tile and rows per step once."""
+    from ncrl_kernels.triton_kernels import head_backward, head_forward
 
-    return [
-        pytest.param(kernel, config, id=f"{kernel.fn.__name__}-{i}")
-        for kernel, configs in ((head_forward.head_forward_kernel, head_forward.FORWARD_CONFIGS),
-                                (head_backward.weight_grad_kernel, head_backward.WEIGHT_GRAD_CONFIGS),
-                                (head_backward.input_grad_kernel, head_backward.INPUT_GRAD_CONFIGS),
-                                (loss_rows.loss_kernel, loss_rows.LOSS_CONFIGS))
-        for i, config in enumerate(configs)
-    ]
+    out, seen = [], set()
+    for table_name, table in (("forward", head_forward.FORWARD_TILES),
+                              ("weight_grad", head_backward.WEIGHT_GRAD_TILES),
+                              ("input_grad", head_backward.INPUT_GRAD_TILES)):
+        for kind, candidates in table.items():
+            for tiles in candidates:
+                key = (table_name, tiles.block_n, tiles.rows) if device == "cpu" else (table_name, kind, tiles)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(pytest.param(table, kind, tiles, id=f"{table_name}-{kind}-n{tiles.block_n}-r{tiles.rows}"
+                                            f"-w{tiles.num_warps}-s{tiles.num_stages}"))
+    return out
 
 
 @pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("kernel,config", autotune_cases())
-def test_every_autotune_config(device, kernel, config, monkeypatch):
-    """Results must not depend on the config the autotuner picks (the other tests run each
-    kernel's first, NCRL_TRITON_AUTOTUNE=0). On CUDA at DocRED size in bf16; the interpreter
-    ignores warps and stages but runs each config's tile sizes."""
-    monkeypatch.setattr(kernel, "configs", [config])
-    monkeypatch.setattr(kernel, "cache", {})
-    shape, dtype = (DOCRED, torch.bfloat16) if device == "cuda" else ((300, 32, 8, 5), torch.float32)
-    check_against_reference(device, shape, dtype, symmetric=True, gamma=0.05)
-    logits = make_logits(shape[0], shape[3], device=device)
-    labels = make_labels(shape[0], shape[3]).to(device)
-    for loss_fn in (ncrl_kernels.ncrl_loss, ncrl_kernels.atl_loss, ncrl_kernels.bce_loss):
-        want = loss_fn(logits.double(), labels, backend="reference")
-        assert_close(loss_fn(logits, labels, backend="triton"), want, torch.float32, loss_fn.__name__)
+def test_every_candidate_config(device, monkeypatch):
+    """Results must not depend on the config: each candidate of each kernel, made the default,
+    against the reference. On CUDA at DocRED size in the candidate's operand kind (bf16 for
+    16-bit); on the interpreter in fp32 at a small shape, with each candidate's tile sizes (and
+    forward splits of 2)."""
+    from ncrl_kernels.triton_kernels import _common
 
-
-def test_pair_buckets():
-    """A new N reuses the tuned config of its power-of-two bucket; the buckets are clamped."""
-    from ncrl_kernels.triton_kernels._common import pair_bucket
-
-    assert [pair_bucket(n) for n in (1, 256, 257, 3000, 4096, 4097, 10**6)] == [256, 256, 512, 4096, 4096, 8192,
-                                                                                 16384]
+    dtypes = {"16bit": torch.bfloat16, "tf32": torch.float32, "tf32x3": torch.float32, "fp64": torch.float64}
+    for table, kind, tiles in [p.values for p in candidate_configs(device)]:
+        with monkeypatch.context() as patch:
+            if device == "cpu":
+                patch.setattr(_common, "INTERPRETER_TILES", dataclasses.replace(tiles, split=2))
+                shape, dtype = (300, 32, 8, 5), torch.float32
+            else:
+                patch.setitem(table, kind, [tiles])
+                shape, dtype = (1024, *DOCRED[1:]), dtypes[kind]
+                if kind != "tf32x3":  # the others pin their precision through the dtype
+                    patch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32" if kind == "tf32" else "ieee")
+            # TF32 keeps 10 mantissa bits, as fp16 does.
+            tolerance = torch.float16 if kind == "tf32" and device == "cuda" else dtype
+            check_against_reference(device, shape, dtype, tolerance, symmetric=True, gamma=0.05)
 
 
 def triton_compiles_for_nvidia():
@@ -146,13 +182,14 @@ def triton_compiles_for_nvidia():
 
 @pytest.mark.skipif(not triton_compiles_for_nvidia(), reason="Triton's NVIDIA backend is not installed")
 def test_kernels_compile_for_gpu():
-    """Every kernel variant compiles for sm_90 with the installed Triton (no GPU needed: Triton
-    bundles ptxas). The interpreter checks what the kernels compute, not that they compile."""
+    """The static check (compile_check): every kernel variant's default config compiles for sm_90
+    and sm_80 at DocRED shape with the installed Triton (no GPU needed: Triton bundles ptxas),
+    as a launch compiles it, within shared memory, with pipelined loads; on sm_90 the bf16/fp16/
+    TF32 dots are wgmma and the plain head's kernels do not spill."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check", "--dtypes", "fp32", "tf32", "bf16",
-         "--emb", "64", "--block", "16", "--classes", "9"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check", "--archs", "90", "80"],
+        env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     assert "0 failed" in result.stdout
@@ -269,25 +306,3 @@ def test_offsets_past_2_31():
     ]
     for name, a, e in zip(RESULT_NAMES, whole, joined):
         assert_close(a, e, torch.bfloat16, f"N={n} {name}")
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_new_n_reuses_the_tuned_config(monkeypatch):
-    """The autotuner keys on the power-of-two bucket of N: a new N in a seen bucket is not
-    re-tuned (and, N not being specialised on, not recompiled). The tests run with one config
-    (NCRL_TRITON_AUTOTUNE=0), which Triton never tunes, so the forward gets all of its configs
-    here."""
-    from ncrl_kernels.triton_kernels import head_forward as module
-
-    kernel = module.head_forward_kernel
-    monkeypatch.setattr(kernel, "configs", module.FORWARD_CONFIGS)
-    monkeypatch.setattr(kernel, "cache", {})
-    tuned = None
-    for n in (3000, 3001, 4096, 2049):  # all in the bucket 4096
-        hs, ts, weight, bias, labels = docred_inputs(n=n)
-        ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=DOCRED[2], backend="triton")
-        if tuned is None:
-            tuned = dict(kernel.cache)
-            assert len(tuned) == 1, "the first call tunes once"
-    assert kernel.cache == tuned

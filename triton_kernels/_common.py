@@ -1,16 +1,14 @@
-"""What every Triton kernel of the package shares: tile sizes, the autotune spaces, and the one
-tensor-core call (``mma``) whose precision follows PyTorch's TF32 setting."""
-import os
+"""What every Triton kernel of the package shares: tile padding, the launch configs (chosen from
+the shape and the GPU, never by timing), the fp32 matmul precision, and the one tensor-core call
+(``mma``)."""
+import dataclasses
+import functools
 
+import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import TRITON_INTERPRET
-
-# NCRL_TRITON_AUTOTUNE=0 runs every kernel with its first config instead of tuning. The tests set
-# it: results must not depend on the config (test_triton.py checks each config once at DocRED
-# size), and tuning every kernel variant for every small test shape would compile for minutes.
-AUTOTUNE = os.environ.get("NCRL_TRITON_AUTOTUNE", "1") != "0"
 
 # tl.dot needs every dimension of its operands to be at least 16.
 MIN_DOT = 16
@@ -29,39 +27,95 @@ def padded(size):
     return max(MIN_DOT, triton.next_power_of_2(size))
 
 
-def pair_bucket(n):
-    """The autotune key for the number of pairs N: its power of two, clamped to [256, 16384].
-    N itself is a runtime argument that is not specialised on (``do_not_specialize``), so a new
-    N reuses the compiled kernels and the tuned config of its bucket instead of recompiling."""
-    return min(max(triton.next_power_of_2(n), 256), 16384)
+def rows_per_step(block_size, wanted):
+    """How many feature rows of a group one tl.dot covers: `wanted` (a power of two), halved
+    until it divides the block size (an odd block size gets 1)."""
+    rows = wanted
+    while block_size % rows:
+        rows //= 2
+    return rows
 
 
-def autotune(gpu_configs, interpreter_config, key=("N_BUCKET", "E", "B", "C", "SYMMETRIC", "ALLOW_TF32")):
-    """triton.autotune over a few configs, keyed on shape buckets and the compile-time switches
-    that change a kernel's cost (the autotuner adds the pointer dtypes to the key). The interpreter cannot time kernels, so it runs `interpreter_config` alone;
-    large tiles there mean few Python-level steps."""
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch config: the pair tile, the feature rows per tl.dot, warps and stages.
+    `split` is the forward's number of partial sums over the E*B reduction (0: enough for every
+    SM to get a program; unused elsewhere)."""
+
+    block_n: int
+    rows: int
+    num_warps: int
+    num_stages: int
+    split: int = 0
+
+    def launch_args(self, block_size):
+        return dict(BLOCK_N=self.block_n, ROWS=rows_per_step(block_size, self.rows), num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+def operand_kind(dtype, precision):
+    """What sizes a kernel's tiles: 16-bit operands, fp32 as TF32 or 3xTF32 (3 dots, 3x the
+    registers), or fp64."""
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return precision
+    return "16bit"
+
+
+# The interpreter ignores warps and stages; small tiles keep it fast while still running several
+# programs, row steps and (in the forward) partial sums.
+INTERPRETER_TILES = Tiles(block_n=32, rows=2, num_warps=1, num_stages=1, split=3)
+
+
+def pick_tiles(candidates, dtype, precision):
+    """The config a kernel launches with: the first of its candidates for these operands. Chosen
+    from the shape alone, never by timing, so results are the same in every process (SPEC.md,
+    determinism), and nothing is tuned at run time."""
+    return INTERPRETER_TILES if TRITON_INTERPRET else candidates[operand_kind(dtype, precision)][0]
+
+
+INTERPRETER_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index):
+    """SM count of a CUDA device (the forward splits its reduction to cover them)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device):
     if TRITON_INTERPRET:
-        configs = [interpreter_config]
-    else:
-        configs = gpu_configs if AUTOTUNE else gpu_configs[:1]
-    return triton.autotune(configs=configs, key=list(key))
+        return INTERPRETER_SMS
+    return multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
 
 
-def config(num_warps, num_stages, **blocks):
-    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+# fp32 matmul precision as a kernel constant. "ieee" is also what bf16/fp16 and fp64 operands
+# pass: tl.dot ignores it for them (fp64 runs on Triton's FMA/DMMA path).
+TF32 = "tf32"
+TF32X3 = "tf32x3"
+IEEE = "ieee"
+
+
+@torch.compiler.assume_constant_result
+def fp32_matmul_precision():
+    """How PyTorch multiplies fp32 matrices here, as a tl.dot precision: TF32 when PyTorch allows
+    it (torch.set_float32_matmul_precision("high"), torch.backends.cuda.matmul.fp32_precision =
+    "tf32", the legacy allow_tf32 = True, or TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), else 3xTF32,
+    which is about as accurate as IEEE fp32 on tensor cores. Reads `fp32_precision`, which
+    resolves all of those and, unlike the legacy flag, never raises once the new API is used.
+    Dynamo cannot trace that read, so under torch.compile it is taken once, when the graph is
+    compiled (a constant without a guard: set the precision before compiling)."""
+    return TF32 if torch.backends.cuda.matmul.fp32_precision == "tf32" else TF32X3
+
+
+def precision_for(dtype):
+    return fp32_matmul_precision() if dtype == torch.float32 else IEEE
 
 
 @triton.jit
-def mma(a, b, acc, ALLOW_TF32: tl.constexpr):
-    """acc + a @ b with acc's dtype (fp32, or fp64 for fp64 operands).
-
-    fp32 operands use TF32 tensor cores only when ALLOW_TF32 (the caller passes
-    torch.backends.cuda.matmul.allow_tf32, as cuBLAS follows it), else exact IEEE fp32. bf16/fp16
-    operands always run on tensor cores with fp32 accumulation; fp64 operands use Triton's FMA
-    path. The precision is passed explicitly so it never depends on Triton's own default (TF32).
-    The interpreter ignores input_precision and computes in the accumulator's dtype.
-    """
-    if ALLOW_TF32:
-        return tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with acc's dtype (fp32, or fp64 for fp64 operands), at the given fp32 precision
+    ("tf32", "tf32x3"; "ieee" for other dtypes). The interpreter ignores the precision and
+    computes in the accumulator's dtype."""
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)

@@ -30,10 +30,10 @@ from torch import Tensor
 from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
-from ._common import LOSS_CODES
+from ._common import LOSS_CODES, padded, precision_for
 from .head_backward import launch_head_backward
 from .head_forward import launch_head_forward
-from .loss_rows import launch_loss
+from .loss_rows import launch_epilogue
 
 
 def _on_device(tensor):
@@ -57,12 +57,12 @@ def _define(name, fn):
 
 
 def _head_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], block_size: int,
-                  symmetric: bool, allow_tf32: bool) -> Tensor:
+                  symmetric: bool, precision: str) -> Tensor:
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     logits = hs.new_empty((hs.shape[0], weight.shape[0]))
     with _on_device(hs):
-        launch_head_forward(hs, ts, weight, None if bias is None else bias.contiguous(), logits,
-                            block_size=block_size, symmetric=symmetric, allow_tf32=allow_tf32)
+        partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
+        launch_epilogue(partial, None if bias is None else bias.contiguous(), logits)
     return logits
 
 
@@ -70,17 +70,22 @@ head_forward = _define("head_forward", _head_forward)
 
 
 def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, block_size: int, symmetric: bool,
-                   input_grad: bool, weight_grad: bool, allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   input_grad: bool, weight_grad: bool, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d hs, d ts, d weight, d bias); gradients not asked for are empty tensors. d bias is in the
     loss dtype (fp32, fp64 for fp64 inputs), the others in their input's dtype."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad)
+    n, classes = grad_logits.shape
+    # The kernels read grad zero-padded to the class tile, in the operands' dtype (see head_backward.py).
+    grad = grad_logits.new_zeros((n, padded(classes)), dtype=weight.dtype)
+    grad[:, :classes] = grad_logits
+    if weight_grad:
+        dbias = grad_logits.sum(0)
     with _on_device(hs):
         launch_head_backward(
-            grad_logits.contiguous(), hs, ts, weight, block_size=block_size, symmetric=symmetric,
-            allow_tf32=allow_tf32, dhs=dhs if input_grad else None, dts=dts if input_grad else None,
-            dweight=dweight if weight_grad else None, dbias=dbias if weight_grad else None,
+            grad, hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision,
+            dhs=dhs if input_grad else None, dts=dts if input_grad else None, dweight=dweight if weight_grad else None,
         )
     return dhs, dts, dweight, dbias
 
@@ -94,8 +99,8 @@ def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margi
     logits = logits.to(loss_dtype(logits.dtype)).contiguous()
     row_loss, dlogits = logits.new_empty(logits.shape[0]), torch.empty_like(logits)
     with _on_device(logits):
-        launch_loss(logits, labels.contiguous(), dlogits, row_loss, loss=LOSS_CODES[loss], gamma=gamma,
-                    margin_reg=margin_reg, mean=reduction == "mean")
+        launch_epilogue(logits[None], None, None, labels=labels.contiguous(), dlogits=dlogits, row_loss=row_loss,
+                        loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean")
     return reduce_pairs(row_loss, reduction), dlogits
 
 
@@ -104,21 +109,21 @@ loss_forward = _define("loss_forward", _loss_forward)
 
 def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, block_size: int,
                    symmetric: bool, loss: str, gamma: float, margin_reg: bool, reduction: str,
-                   allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, logits, d loss / d logits): one kernel launch, plus torch's sum of the per-pair losses
-    for "mean"/"sum". The logits are always written: the backend interface returns them, and they
-    cost one [N, C] store next to the d loss / d logits that the backward needs anyway."""
+                   precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, logits, d loss / d logits): the head's kernel, then one epilogue kernel that sums its
+    partials and runs the loss, plus torch's sum of the per-pair losses for "mean"/"sum". The
+    logits are always written: the backend interface returns them, and they cost one [N, C]
+    store next to the d loss / d logits that the backward needs anyway."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
     logits = hs.new_empty((n, classes))
     dlogits = hs.new_empty((n, classes), dtype=loss_dtype(hs.dtype))
     row_loss = hs.new_empty((n,), dtype=loss_dtype(hs.dtype))
     with _on_device(hs):
-        launch_head_forward(
-            hs, ts, weight, None if bias is None else bias.contiguous(), logits, block_size=block_size,
-            symmetric=symmetric, allow_tf32=allow_tf32, labels=labels.contiguous(), dlogits=dlogits,
-            row_loss=row_loss, loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean",
-        )
+        partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
+        launch_epilogue(partial, None if bias is None else bias.contiguous(), logits, labels=labels.contiguous(),
+                        dlogits=dlogits, row_loss=row_loss, loss=LOSS_CODES[loss], gamma=gamma,
+                        margin_reg=margin_reg, mean=reduction == "mean")
     return reduce_pairs(row_loss, reduction), logits, dlogits
 
 
@@ -133,14 +138,8 @@ _op_autograd.register_autograd(
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
 
 
-def _allow_tf32(dtype):
-    """TF32 for fp32 inputs when torch allows it for matmuls (other dtypes never use it, so the
-    flag stays False for them: no duplicate kernel variants)."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-
-
 def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    return head_forward(hs, ts, weight, bias, block_size, symmetric, _allow_tf32(hs.dtype))
+    return head_forward(hs, ts, weight, bias, block_size, symmetric, precision_for(hs.dtype))
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
@@ -149,5 +148,5 @@ def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
 
 def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
     value, logits, _ = fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma),
-                                     margin_reg, reduction, _allow_tf32(hs.dtype))
+                                     margin_reg, reduction, precision_for(hs.dtype))
     return value, logits

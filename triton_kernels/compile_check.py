@@ -1,12 +1,22 @@
-"""Compile the Triton kernels for real GPU targets without a GPU, and report registers and stack
-(spill) bytes per thread from cuobjdump. Needs Triton's NVIDIA backend (its bundled ptxas and
-cuobjdump), not a GPU; run it without TRITON_INTERPRET:
+"""Compile the Triton kernels for real GPU targets without a GPU and check what the compiler made
+of them. Needs Triton's NVIDIA backend (its bundled ptxas and cuobjdump), not a GPU; run it
+without TRITON_INTERPRET:
 
-    python -m ncrl_kernels.triton_kernels.compile_check                      # DocRED shapes, sm_90a
+    python -m ncrl_kernels.triton_kernels.compile_check                      # DocRED shapes, sm_90
     python -m ncrl_kernels.triton_kernels.compile_check --archs 80 90 --all-configs
 
-The interpreter tests check what the kernels compute; this checks that Triton compiles them for
-the GPU (types, layouts, tl.dot shapes) and shows which autotune configs spill registers.
+Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligned (PyTorch's
+allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
+and config it reports registers and spill stack per thread (cuobjdump), shared memory, the
+tensor-core instruction the dots became (wgmma on sm_90, mma.sync on sm_80, or FMA) and the
+asynchronous copies (cp.async) that pipeline the loads. It fails (exit status 1) when a variant
+does not compile, when a config needs more shared memory than the target has, when a matmul
+kernel's default config pipelines no load, and, on sm_90 (the tuned target) for bf16/fp16/TF32,
+when a default config's dots are not wgmma or the plain head's default config spills. Spills
+are reported, not failed, for the symmetric head (it holds two more [BLOCK_N, B] tiles and sits
+at the register limit: a few dozen bytes spill or not depending on the Triton version), for
+3xTF32 (its three operand splits do not fit in registers at any tile tried), fp64 (tests only)
+and sm_80 (not tuned: the symmetric forward spills there at every tile tried).
 """
 import argparse
 import os
@@ -20,54 +30,68 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import head_backward, head_forward, loss_rows
-from ._common import LOSS_CODES, padded
+from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step
 
-# Input dtypes; "tf32" is fp32 inputs with torch.backends.cuda.matmul.allow_tf32 set, "fp32" without.
-POINTER = {"fp32": "*fp32", "tf32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+# Benchmark dtypes: (pointer type, precision). "fp32" is fp32 inputs at PyTorch's default
+# precision ("highest", run as 3xTF32), "tf32" with TF32 allowed.
+DTYPES = {"fp32": ("*fp32", TF32X3), "tf32": ("*fp32", TF32), "bf16": ("*bf16", IEEE), "fp16": ("*fp16", IEEE),
+          "fp64": ("*fp64", IEEE)}
+# Shared memory per block (opt-in maximum) of each target.
+SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
+MATMUL_KERNELS = ("forward", "weight grad", "input grad")
 
 
-def variants(dtype, emb, block, classes):
-    """(name, kernel, pointer types (None: argument not passed), constexprs) of every kernel
-    variant the backend launches for inputs of `dtype`."""
-    ptr = POINTER[dtype]
+def kind_of(dtype):
+    return {"bf16": "16bit", "fp16": "16bit", "fp64": "fp64", "tf32": "tf32", "fp32": "tf32x3"}[dtype]
+
+
+def variants(dtype, emb, block, classes, all_configs):
+    """(name, kernel, pointer types (None: argument not passed), constexprs, configs) of every
+    kernel variant the backend launches for inputs of `dtype`; configs are (Tiles or None,
+    num_warps, num_stages, is_default)."""
+    ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
-    shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes),
-                 ALLOW_TF32=dtype == "tf32", COMPUTE_FP64=dtype == "fp64")
+    shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
+                 COMPUTE_FP64=dtype == "fp64")
+    kind = kind_of(dtype)
+
+    def tiles(table):
+        candidates = table[kind] if all_configs else table[kind][:1]
+        return [(t, i == 0) for i, t in enumerate(candidates)]
+
     out = []
     for symmetric in (False, True):
         common = dict(shape, SYMMETRIC=symmetric)
-        out.append((f"fused forward ncrl sym={symmetric}", head_forward.head_forward_kernel,
-                    dict(hs=ptr, ts=ptr, weight=ptr, bias=ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr,
-                         row_loss=loss_ptr),
-                    dict(common, HAS_BIAS=True, LOSS=LOSS_CODES["ncrl"], GAMMA=0.05, MARGIN_REG=True, MEAN=True)))
+        out.append((f"forward sym={symmetric}", head_forward.head_forward_kernel,
+                    dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), common, tiles(head_forward.FORWARD_TILES)))
         out.append((f"weight grad sym={symmetric}", head_backward.weight_grad_kernel,
-                    dict(grad=loss_ptr, hs=ptr, ts=ptr, dweight=ptr, dbias=loss_ptr),
-                    dict(common, BLOCK_N=head_backward.WEIGHT_GRAD_BLOCK_N)))
+                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), common, tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad sym={symmetric}", head_backward.input_grad_kernel,
-                    dict(grad=loss_ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), common))
-    out.append(("head forward", head_forward.head_forward_kernel,
-                dict(hs=ptr, ts=ptr, weight=ptr, bias=None, labels=None, logits=ptr, dlogits=None, row_loss=None),
-                dict(shape, SYMMETRIC=False, HAS_BIAS=False, LOSS=0, GAMMA=0.0, MARGIN_REG=False, MEAN=False)))
-    if dtype in ("fp32", "fp64"):  # the loss-only kernel sees fp32 (or fp64) logits, no matmul
-        for name, code in LOSS_CODES.items():
-            out.append((f"loss {name}", loss_rows.loss_kernel,
-                        dict(logits=loss_ptr, labels=loss_ptr, dlogits=loss_ptr, row_loss=loss_ptr),
-                        dict(C=classes, BLOCK_C=padded(classes), LOSS=code, GAMMA=0.05 if name == "ncrl" else 0.0,
-                             MARGIN_REG=True, MEAN=True)))
+                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), common,
+                    tiles(head_backward.INPUT_GRAD_TILES)))
+    epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS)
+    pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr, row_loss=loss_ptr)
+    out.append(("epilogue head only", loss_rows.epilogue_kernel, pointers,
+                dict(epilogue, HAS_BIAS=True, WRITE_LOGITS=True, LOSS=0, GAMMA=0.0, MARGIN_REG=False, MEAN=False),
+                [(None, True)]))
+    for name, code in LOSS_CODES.items():
+        out.append((f"epilogue {name}", loss_rows.epilogue_kernel, pointers,
+                    dict(epilogue, HAS_BIAS=True, WRITE_LOGITS=True, LOSS=code, GAMMA=0.05 if name == "ncrl" else 0.0,
+                         MARGIN_REG=True, MEAN=True), [(None, True)]))
     return out
 
 
-def compile_variant(kernel, pointers, constexprs, config, target):
-    fn = kernel.fn  # the JITFunction under the autotuner
-    constants = dict(constexprs, **config.kwargs)
-    signature = {}
-    for name in fn.arg_names:
+def compile_variant(kernel, pointers, constexprs, num_warps, num_stages, target):
+    constants = dict(constexprs)
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in pointers and pointers[name] is None:
             constants[name] = None
         signature[name] = "constexpr" if name in constants else pointers.get(name, "i32")
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    return triton.compile(source, target=target,
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        if signature[name].startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]  # as a launch with PyTorch tensors specialises
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def resource_usage(cubin):
@@ -83,40 +107,66 @@ def resource_usage(cubin):
     return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
 
 
+def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies):
+    """Why a compiled config fails the check (empty: it passes)."""
+    found = []
+    if shared > SHARED_MEMORY.get(arch, SHARED_MEMORY[80]):
+        found.append(f"needs {shared} B of shared memory, sm_{arch} has {SHARED_MEMORY.get(arch)}")
+    if default and name.startswith(MATMUL_KERNELS):
+        if arch == 90 and dtype in ("bf16", "fp16", "tf32"):
+            if stack and "sym=False" in name:
+                found.append(f"default config spills {stack} B per thread")
+            if unit != "wgmma":
+                found.append(f"dots compiled to {unit}, not wgmma")
+        if async_copies == 0:
+            found.append("no pipelined (cp.async) load")
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(POINTER), default=["fp32", "tf32", "bf16", "fp16",
-                                                                                   "fp64"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "tf32", "fp32", "fp16", "fp64"])
     parser.add_argument("--archs", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--emb", type=int, default=768)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--classes", type=int, default=97)
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
+    parser.add_argument("--all-configs", action="store_true", help="every candidate config, not just the default")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     failures = 0
-    print(f"triton {triton.__version__}  E={args.emb} B={args.block} C={args.classes}")
+    print(f"triton {triton.__version__}  E={args.emb} B={args.block} C={args.classes}  (fp32 = 3xTF32, tf32 = TF32)")
     for arch in args.archs:
         target = GPUTarget("cuda", arch, 32)
         for dtype in args.dtypes:
-            for name, kernel, pointers, constexprs in variants(dtype, args.emb, args.block, args.classes):
-                for config in kernel.configs if args.all_configs else kernel.configs[:1]:
-                    label = (f"sm_{arch} {dtype:4s} {name:28s} {str(config.kwargs):36s} "
-                             f"w{config.num_warps} s{config.num_stages}")
+            for name, kernel, pointers, constexprs, configs in variants(dtype, args.emb, args.block, args.classes,
+                                                                        args.all_configs):
+                for tiles, default in configs:
+                    if tiles is None:
+                        constants, warps, stages, label_tiles = constexprs, 4, 1, "-"
+                    else:
+                        constants = dict(constexprs, BLOCK_N=tiles.block_n, ROWS=rows_per_step(args.block, tiles.rows))
+                        warps, stages = tiles.num_warps, tiles.num_stages
+                        label_tiles = f"n{tiles.block_n} r{tiles.rows} w{warps} s{stages}"
+                    label = f"sm_{arch} {dtype:4s} {name:24s} {label_tiles:16s}{'*' if default else ' '}"
                     start = time.time()
                     try:
-                        compiled = compile_variant(kernel, pointers, constexprs, config, target)
+                        compiled = compile_variant(kernel, pointers, constants, warps, stages, target)
                     except Exception as exc:  # report every failure, then exit non-zero
                         failures += 1
                         print(f"FAIL {label}: {type(exc).__name__}: {exc}"[:3000], flush=True)
                         continue
                     ptx = compiled.asm["ptx"]
                     unit = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+                    async_copies = len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx))
                     regs, stack = resource_usage(compiled.asm["cubin"])
-                    print(f"ok   {label} regs={regs:3d} stack={stack:5d} {unit:5s} {time.time() - start:4.1f}s",
-                          flush=True)
-    print(f"{failures} failed")
+                    shared = compiled.metadata.shared
+                    found = problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies)
+                    failures += bool(found)
+                    print(f"{'FAIL' if found else 'ok  '} {label} regs={regs:3d} stack={stack:4d} "
+                          f"smem={shared // 1024:3d}K {unit:5s} cp.async={async_copies:3d} "
+                          f"{time.time() - start:4.1f}s {'; '.join(found)}", flush=True)
+    print(f"{failures} failed  (* = default config)")
     return 1 if failures else 0
 
 

@@ -1,122 +1,142 @@
-"""Forward of the group-bilinear head, with the loss as an optional epilogue: one launch computes
-logits = bias + sum_g kron(hs_g, ts_g) @ W_g^T and, for the fused op, the row losses and
-d(loss)/d(logits), without ever writing the [N, E*B] feature.
+"""Forward of the group-bilinear head, split over the E*B reduction:
 
-Work split: one program per tile of BLOCK_N pairs x all C classes (padded to a power of two), so
-that a program holds complete logit rows and can run the loss on them. It walks the E*B feature
-columns in steps of one feature row (group g, row i: the B columns s*B .. s*B + B - 1 with
-s = g*B + i), building that [BLOCK_N, B] slice of the Kronecker feature in registers from one
-column of hs and the group's columns of ts, and multiplies it with the matching [B, C] weight
-slice on tensor cores, accumulating in fp32 (fp64 for fp64 inputs).
+    partial[k, n, c] = sum over the feature rows s of split k of kron(hs_g, ts_g)[n, s*B + j] * W[c, s*B + j]
+
+without ever writing the [N, E*B] feature; the epilogue kernel (loss_rows.py) sums the partials
+in a fixed order, adds the bias, writes the logits and runs the loss.
+
+Work split: a 2-D grid of (pair tiles of BLOCK_N pairs) x (SPLIT contiguous ranges of feature
+rows), so that the grid covers the GPU at any N (at N=4096 there are only 32 tiles of 128 pairs
+for 132 SMs). Each program walks its feature rows ROWS at a time in one flat loop (no inner group
+loop that would drain the load pipeline at every group boundary): step s0 builds the
+[BLOCK_N, ROWS*B] slice hs[:, s0 + r] * ts[:, g*B + j] of the Kronecker feature in registers
+(r < ROWS, j < B, g = s0 // B) and multiplies it with the matching [ROWS*B, C] weight slice on
+tensor cores, accumulating in fp32 (fp64 for fp64 inputs). ts's group columns and the weight
+slice are reloaded every step: their loads are contiguous, so Triton pipelines them through
+shared memory (cp.async), where holding them across steps would cost registers.
 """
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import HEAD_ONLY, autotune, config, mma, padded, pair_bucket
-from .loss_rows import loss_tile
+from ._common import TRITON_INTERPRET, Tiles, mma, padded, pick_tiles, sm_count
 
 
 @triton.jit
-def group_columns(x, rows, row_ok, g, js, E: tl.constexpr, B: tl.constexpr):
-    """The B columns of group g of x ([N, E]) for a pair tile, in x's dtype (half the registers of
-    fp32 for bf16/fp16); padding 0."""
-    return tl.load(x + rows[:, None] * E + g * B + js[None, :], mask=row_ok[:, None] & (js[None, :] < B), other=0.0)
+def rows_of(x, rows, row_ok, s0, E: tl.constexpr, ROWS: tl.constexpr):
+    """Columns s0 .. s0 + ROWS - 1 of x ([N, E]) for a pair tile, ``[BLOCK_N, ROWS]``."""
+    return tl.load(x + rows[:, None] * E + s0 + tl.arange(0, ROWS)[None, :], mask=row_ok[:, None], other=0.0)
 
 
 @triton.jit
-def column(x, rows, row_ok, s, E: tl.constexpr, COMPUTE: tl.constexpr):
-    """Column s of x ([N, E]) for a pair tile, in the compute dtype."""
-    return tl.load(x + rows * E + s, mask=row_ok, other=0.0).to(COMPUTE)
-
-
-@triton.jit
-def feature_slice(hs, ts, rows, row_ok, s, h_group, t_group, E: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  COMPUTE: tl.constexpr):
-    """Feature row s = g*B + i of a pair tile, ``[BLOCK_N, BLOCK_J]`` in the compute dtype:
-    hs[n, s] * ts[n, g*B + j] (symmetric: max(hs_i ts_j, hs_j ts_i)). The products of bf16/fp16
-    values are exact in fp32, so the max (and, in the backward, its tie test) matches fp64."""
-    x = column(hs, rows, row_ok, s, E, COMPUTE)[:, None] * t_group.to(COMPUTE)
+def kron_rows(hs, ts, h_rows, t_rows, rows, row_ok, g, E: tl.constexpr, B: tl.constexpr, SYMMETRIC: tl.constexpr,
+              COMPUTE: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Feature rows s0 .. s0 + ROWS - 1 of group g for a pair tile, ``[BLOCK_N, ROWS, BLOCK_J]`` in
+    the compute dtype, from h_rows = hs[:, s0 + r] and (symmetric) t_rows = ts[:, s0 + r]:
+    hs[n, s0 + r] * ts[n, g*B + j] (symmetric: max(hs_i ts_j, hs_j ts_i) with i = s0 + r - g*B).
+    Products of bf16/fp16 values are exact in fp32, so the max (and, in the backward, its tie
+    test) matches fp64. Padding columns j >= B are 0."""
+    js = tl.arange(0, BLOCK_J)
+    group_ok = row_ok[:, None] & (js[None, :] < B)
+    at_group = rows[:, None] * E + g * B + js[None, :]
+    t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(COMPUTE)
+    x = h_rows.to(COMPUTE)[:, :, None] * t_group[:, None, :]
     if SYMMETRIC:
-        x = tl.maximum(x, h_group.to(COMPUTE) * column(ts, rows, row_ok, s, E, COMPUTE)[:, None])
+        h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(COMPUTE)
+        x = tl.maximum(x, t_rows.to(COMPUTE)[:, :, None] * h_group[:, None, :])
     return x
 
 
-# Spill-free on sm_90 for fp32 and bf16 at DocRED shapes (compile_check) except BLOCK_N=128, kept
-# for large N where it halves the weight reads; BLOCK_N=32 gives small N more programs.
-FORWARD_CONFIGS = [
-    config(8, 3, BLOCK_N=64, EPILOGUE_ROWS=16),
-    config(8, 3, BLOCK_N=128, EPILOGUE_ROWS=16),
-    config(4, 3, BLOCK_N=64, EPILOGUE_ROWS=8),
-    config(4, 4, BLOCK_N=32, EPILOGUE_ROWS=8),
-]
+@triton.jit
+def weight_rows_at(E: tl.constexpr, B: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+    """Offsets within the weight's row of feature row r (< ROWS), column j (< BLOCK_J) of a step,
+    as one index k = r * BLOCK_J + j of the tl.dot's K dimension: r * B + j, and whether j < B."""
+    ks = tl.arange(0, ROWS * BLOCK_J)
+    return (ks // BLOCK_J) * B + ks % BLOCK_J, (ks % BLOCK_J) < B
 
 
-@autotune(FORWARD_CONFIGS, config(1, 1, BLOCK_N=128, EPILOGUE_ROWS=128),
-          key=("N_BUCKET", "E", "B", "C", "SYMMETRIC", "ALLOW_TF32", "LOSS"))
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "STEPS_PER_SPLIT"])
 def head_forward_kernel(
-    hs, ts, weight, bias, labels, logits, dlogits, row_loss, N, N_BUCKET,
+    hs, ts, weight, partial, N, STEPS_PER_SPLIT,
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, ALLOW_TF32: tl.constexpr, COMPUTE_FP64: tl.constexpr,
-    LOSS: tl.constexpr, GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_ROWS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)  # row offsets n*E stay exact for any N
-    js = tl.arange(0, BLOCK_J)
     cs = tl.arange(0, BLOCK_C)
-    # Weight slice of feature row s as a [BLOCK_J, BLOCK_C] operand: weight[c, s*B + j].
-    w_at = cs.to(tl.int64)[None, :] * (E * B) + js[:, None]
-    w_ok = (js[:, None] < B) & (cs[None, :] < C)
+    k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
+    # Weight slice of a step as a [ROWS*BLOCK_J, BLOCK_C] operand: weight[c, s0*B + k_at].
+    w_at = cs.to(tl.int64)[None, :] * (E * B) + k_at[:, None]
+    w_ok = k_ok[:, None] & (cs[None, :] < C)
 
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE)
-    for g in range(E // B):
-        t_group = group_columns(ts, rows, row_ok, g, js, E, B)
-        h_group = t_group
+    first = split * STEPS_PER_SPLIT
+    last = tl.minimum(first + STEPS_PER_SPLIT, E // ROWS)
+    # hs's (and ts's) ROWS columns of a step are loaded one step ahead: a load of a few bytes per
+    # pair is not pipelined through shared memory, and its latency would stall every step.
+    h_next = rows_of(hs, rows, row_ok, first * ROWS, E, ROWS)
+    t_next = h_next
+    if SYMMETRIC:
+        t_next = rows_of(ts, rows, row_ok, first * ROWS, E, ROWS)
+    for step in range(first, last):
+        s0 = step * ROWS
+        h_rows, t_rows = h_next, t_next
+        ahead = (s0 + ROWS) % E  # the last step loads the first rows again, unused
+        h_next = rows_of(hs, rows, row_ok, ahead, E, ROWS)
         if SYMMETRIC:
-            h_group = group_columns(hs, rows, row_ok, g, js, E, B)
-        for i in range(B):
-            s = g * B + i
-            x = feature_slice(hs, ts, rows, row_ok, s, h_group, t_group, E, SYMMETRIC, COMPUTE)
-            w = tl.load(weight + w_at + s * B, mask=w_ok, other=0.0)
-            acc = mma(x.to(w.dtype), w, acc, ALLOW_TF32)
-    if HAS_BIAS:
-        acc += tl.load(bias + cs, mask=cs < C, other=0.0).to(COMPUTE)[None, :]
-
-    out_at = rows[:, None] * C + cs[None, :]
-    out_ok = row_ok[:, None] & (cs[None, :] < C)
-    tl.store(logits + out_at, acc.to(logits.dtype.element_ty), mask=out_ok)
-    if LOSS != HEAD_ONLY:
-        # The loss reads the fp32 accumulator, not the logits rounded to the input dtype (as the
-        # C++ kernels do; ATLOP's eager code casts bf16 logits back up with .float()). It runs on
-        # EPILOGUE_ROWS rows at a time: the whole tile with the loss's temporaries would not fit
-        # in registers. The accumulator goes through this program's rows of dlogits (still in
-        # cache) to get there; the barrier makes those stores visible to all of the program's
-        # threads before they read them back.
-        tl.store(dlogits + out_at, acc, mask=out_ok)
-        tl.debug_barrier()
-        for first in range(tl.program_id(0) * BLOCK_N, tl.program_id(0) * BLOCK_N + BLOCK_N, EPILOGUE_ROWS):
-            loss_tile(dlogits, labels, dlogits, row_loss, first, N, C, LOSS, GAMMA, MARGIN_REG, MEAN,
-                      EPILOGUE_ROWS, BLOCK_C)
+            t_next = rows_of(ts, rows, row_ok, ahead, E, ROWS)
+        x = kron_rows(hs, ts, h_rows, t_rows, rows, row_ok, s0 // B, E, B, SYMMETRIC, COMPUTE, BLOCK_J)
+        w = tl.load(weight + w_at + s0 * B, mask=w_ok, other=0.0)
+        acc = mma(tl.reshape(x, [BLOCK_N, ROWS * BLOCK_J]).to(w.dtype), w, acc, PRECISION)
+    at = split.to(tl.int64) * N * C + rows[:, None] * C + cs[None, :]
+    tl.store(partial + at, acc, mask=row_ok[:, None] & (cs[None, :] < C))
 
 
-def launch_head_forward(hs, ts, weight, bias, logits, *, block_size, symmetric, allow_tf32, labels=None,
-                        dlogits=None, row_loss=None, loss=0, gamma=0.0, margin_reg=False, mean=False):
-    """Write logits [N, C] (hs dtype) and, when `loss` is a loss code (not 0, head only), row_loss
-    [N] and dlogits [N, C] in the loss dtype. All tensors contiguous; `labels` in the loss dtype."""
+# Candidate configs per operand kind (_common.operand_kind), the default first; compile_check
+# compiles them all for sm_90 (the defaults without spills, shared memory within an H100's) and
+# bench/kernels.py times them. 16-bit: 128-pair tiles, two feature rows per tl.dot (K=128 for
+# B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
+# splits, so one row per dot.
+FORWARD_TILES = {
+    "16bit": [Tiles(128, 2, 8, 3), Tiles(64, 2, 4, 3), Tiles(128, 4, 8, 2)],
+    "tf32": [Tiles(128, 2, 8, 2), Tiles(64, 2, 4, 2)],
+    "tf32x3": [Tiles(64, 1, 8, 2)],
+    "fp64": [Tiles(64, 1, 4, 2)],
+}
+
+# Each split covers at least this many steps, so a program's pipeline has time to fill.
+MIN_STEPS_PER_SPLIT = 16
+
+
+def split_count(tiles, n, steps, sms):
+    """Partial sums over the `steps` row steps: tiles.split, or (0) enough for every SM to get a
+    program, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
+    split = tiles.split or triton.cdiv(sms, triton.cdiv(n, tiles.block_n))
+    split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
+    return triton.cdiv(steps, triton.cdiv(steps, split))
+
+
+def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, tiles=None):
+    """Partial logits ``[SPLIT, N, C]`` in the compute dtype (fp32, fp64 for fp64 inputs): their
+    sum over the first dimension is hs, ts's head without the bias. All tensors contiguous.
+    `tiles` overrides the default config (benchmarks and tests)."""
     n, emb = hs.shape
     classes = weight.shape[0]
+    tiles = tiles or pick_tiles(FORWARD_TILES, hs.dtype, precision)
+    launch = tiles.launch_args(block_size)
+    steps = emb // launch["ROWS"]
+    split = split_count(tiles, n, steps, sm_count(hs.device))
+    partial = hs.new_empty((split, n, classes), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
     if n == 0:
-        return
-    wrap_triton(head_forward_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        hs, ts, weight, bias, labels, logits, dlogits, row_loss, n, pair_bucket(n),
-        E=emb, B=block_size, C=classes,
-        HAS_BIAS=bias is not None, SYMMETRIC=symmetric, ALLOW_TF32=allow_tf32,
-        COMPUTE_FP64=hs.dtype == torch.float64,
-        LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean,
-        BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
+        return partial
+    wrap_triton(head_forward_kernel)[(triton.cdiv(n, tiles.block_n), split)](
+        hs, ts, weight, partial, n, triton.cdiv(steps, split),
+        E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
+        COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes), **launch,
     )
+    return partial

@@ -2,14 +2,15 @@
 (stable logistic pieces from one exp, gamma-shifted negatives, the undetached margin regulariser,
 ATLOP's two masked softmaxes, BCE), vectorised over ``[pairs, classes]``.
 
-``loss_tile`` (``loss_rows`` on rows read from memory) is the epilogue of the fused head kernel
-and the body of the loss-only kernel, so both compute the loss and d(loss)/d(logits) identically.
+``epilogue_kernel`` sums the forward's partial logits, adds the bias and runs ``loss_rows`` on
+them; the loss-only op runs the same kernel on given logits, so both compute the loss and
+d(loss)/d(logits) identically.
 """
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import ATL, BCE, NCRL, autotune, config, padded, pair_bucket
+from ._common import ATL, BCE, HEAD_ONLY, NCRL, padded
 
 
 @triton.jit
@@ -110,55 +111,55 @@ def loss_rows(f, y, cols, C: tl.constexpr, LOSS: tl.constexpr, GAMMA: tl.constex
     return loss, grad
 
 
-@triton.jit
-def loss_tile(logits, labels, dlogits, row_loss, first, N, C: tl.constexpr, LOSS: tl.constexpr,
-              GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-    """Rows first .. first + ROWS - 1: read logits and labels, write the row losses and
-    d(loss)/d(logits), 1/N-scaled for the mean reduction. `dlogits` may be `logits` (the fused
-    kernel's in-place epilogue): a barrier separates all of the tile's loads from its stores,
-    because Triton may hold one element in several threads (a tile smaller than the thread count,
-    or a load repeated in another layout), and a warp storing a gradient must not overwrite a logit
-    another warp has yet to load."""
-    rows = first + tl.arange(0, ROWS)
+# Rows per program of the epilogue: the loss keeps a dozen temporaries per element in registers.
+EPILOGUE_ROWS = 16
+
+
+@triton.jit(do_not_specialize=["N", "SPLIT"])
+def epilogue_kernel(
+    partial, SPLIT, bias, labels, logits, dlogits, row_loss, N,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    LOSS: tl.constexpr, GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per BLOCK_N rows: f = sum_k partial[k] (in order k = 0, 1, ..., so the result
+    does not depend on timing) + bias, in the loss dtype (fp32 or fp64); the logits in their
+    dtype when WRITE_LOGITS; then, unless LOSS is HEAD_ONLY, the row losses and d(loss)/d(f) from
+    f itself (not from the logits rounded to bf16/fp16, as the C++ kernels do), 1/N-scaled for
+    the mean reduction. The loss-only op passes its logits as the one partial."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
     rows = rows.to(tl.int64)
     at = rows[:, None] * C + cols[None, :]
     ok = row_ok[:, None] & (cols[None, :] < C)
-    f = tl.load(logits + at, mask=ok, other=0.0)
-    y = tl.load(labels + at, mask=ok, other=0.0).to(f.dtype)
-    loss, grad = loss_rows(f, y, cols, C, LOSS, GAMMA, MARGIN_REG)
-    if MEAN:
-        grad = grad / tl.maximum(N, 1).to(f.dtype)
-    tl.debug_barrier()
-    tl.store(row_loss + rows, loss, mask=row_ok)
-    tl.store(dlogits + at, grad, mask=ok)
+    f = tl.load(partial + at, mask=ok, other=0.0)
+    for k in range(1, SPLIT):
+        f += tl.load(partial + k * N * C + at, mask=ok, other=0.0)
+    if HAS_BIAS:
+        f += tl.load(bias + cols, mask=cols < C, other=0.0).to(f.dtype)[None, :]
+    if WRITE_LOGITS:
+        tl.store(logits + at, f.to(logits.dtype.element_ty), mask=ok)
+    if LOSS != HEAD_ONLY:
+        y = tl.load(labels + at, mask=ok, other=0.0).to(f.dtype)
+        loss, grad = loss_rows(f, y, cols, C, LOSS, GAMMA, MARGIN_REG)
+        if MEAN:
+            grad = grad / tl.maximum(N, 1).to(f.dtype)
+        tl.store(row_loss + rows, loss, mask=row_ok)
+        tl.store(dlogits + at, grad, mask=ok)
 
 
-LOSS_CONFIGS = [config(4, 1, BLOCK_N=8), config(8, 1, BLOCK_N=16), config(8, 1, BLOCK_N=32)]
-
-
-@autotune(LOSS_CONFIGS, config(1, 1, BLOCK_N=64), key=("N_BUCKET", "C"))
-@triton.jit(do_not_specialize=["N"])
-def loss_kernel(
-    logits, labels, dlogits, row_loss, N, N_BUCKET,
-    C: tl.constexpr, LOSS: tl.constexpr, GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program per BLOCK_N rows of logits and labels in the loss dtype (fp32 or fp64). Small
-    tiles: the loss keeps a dozen temporaries per element in registers."""
-    loss_tile(logits, labels, dlogits, row_loss, tl.program_id(0) * BLOCK_N, N, C, LOSS, GAMMA, MARGIN_REG, MEAN,
-              BLOCK_N, BLOCK_C)
-
-
-def launch_loss(logits, labels, dlogits, row_loss, *, loss, gamma, margin_reg, mean):
-    """Fill row_loss [N] and dlogits [N, C] from logits and labels (all contiguous, loss dtype)."""
-    n, classes = logits.shape
+def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_loss=None, loss=0, gamma=0.0,
+                    margin_reg=False, mean=False):
+    """From partial ``[SPLIT, N, C]`` (loss dtype): logits [N, C] (None: not written) and, when
+    `loss` is a loss code (not 0, head only), row_loss [N] and dlogits [N, C] in the loss dtype.
+    All tensors contiguous; `labels` in the loss dtype."""
+    split, n, classes = partial.shape
     if n == 0:
         return
-    wrap_triton(loss_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        logits, labels, dlogits, row_loss, n, pair_bucket(n),
-        C=classes, LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes),
+    wrap_triton(epilogue_kernel)[(triton.cdiv(n, EPILOGUE_ROWS),)](
+        partial, split, bias, labels, logits, dlogits, row_loss, n,
+        C=classes, HAS_BIAS=bias is not None, WRITE_LOGITS=logits is not None,
+        LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes), BLOCK_N=EPILOGUE_ROWS,
+        num_warps=4,
     )
-

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Per-kernel benchmark of the Triton backend at DocRED shape (E=768, B=64, C=97): every
+candidate config of the forward, epilogue, weight-gradient and input-gradient kernels, timed
+alone, next to the roofline figure of bench/roofline.py, and checked against the default
+config's output. Then the default configs through the public API against the fp64 reference,
+with eager's error beside it (3xTF32 must stay within 2x of eager fp32's, SPEC.md).
+
+    python bench/kernels.py                          # CUDA: N=4096, bf16 tf32 tf32x3, plain + symmetric
+    TRITON_INTERPRET=1 python bench/kernels.py --n 64 --emb 32 --block 8   # smoke test on a CPU
+
+Rows go to bench/results/<device>-kernels.csv. This is how the default configs in
+triton_kernels/ (FORWARD_TILES, WEIGHT_GRAD_TILES, INPUT_GRAD_TILES) are chosen.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import roofline  # noqa: E402
+
+import ncrl_kernels  # noqa: E402
+from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
+from ncrl_kernels.triton_kernels._common import (  # noqa: E402
+    INTERPRETER_TILES, LOSS_CODES, TRITON_INTERPRET, Tiles, padded)
+
+# Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
+KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
+COLUMNS = ["kernel", "kind", "symmetric", "n_pairs", "emb", "block", "classes", "tiles", "split", "ms", "model_ms",
+           "tflops", "max_rel_diff", "device", "commit", "timestamp"]
+
+
+def time_ms(fn, device, reps):
+    """Median time of one call, from `reps` calls between two synchronisations, over 5 rounds."""
+    fn()
+    harness.synchronize(device)
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        harness.synchronize(device)
+        rounds.append((time.perf_counter() - t0) * 1e3 / reps)
+    return sorted(rounds)[2]
+
+
+def rel_diff(got, want):
+    scale = want.abs().max().item() or 1.0
+    return (got.double() - want.double()).abs().max().item() / scale
+
+
+@dataclasses.dataclass
+class Inputs:
+    hs: torch.Tensor
+    ts: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    grad: torch.Tensor  # d loss / d logits, zero-padded to the class tile, operand dtype
+
+
+def make_inputs(n, emb, block, classes, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.rand(n, emb, generator=g) * 2 - 1
+    ts = torch.rand(n, emb, generator=g) * 2 - 1
+    weight = (torch.rand(classes, emb * block, generator=g) * 2 - 1) / math.sqrt(emb * block)
+    labels = torch.zeros(n, classes)
+    labels[:, 0] = 1.0
+    grad = torch.zeros(n, padded(classes))
+    grad[:, :classes] = torch.randn(n, classes, generator=g) / n
+    to = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
+    return Inputs(to(hs), to(ts), to(weight), labels.to(device), to(grad))
+
+
+def candidates(table, kind):
+    return [INTERPRETER_TILES] if TRITON_INTERPRET else table["16bit" if kind == "bf16" else kind]
+
+
+def tiles_name(tiles):
+    return f"n{tiles.block_n}-r{tiles.rows}-w{tiles.num_warps}-s{tiles.num_stages}"
+
+
+def kernel_rows(args, device, kind, symmetric, emit):
+    """Time every candidate of every kernel for one (kind, symmetric) at N = args.n."""
+    dtype, precision = KINDS[kind]
+    n, emb, block, classes = args.n, args.emb, args.block, args.classes
+    x = make_inputs(n, emb, block, classes, dtype, device)
+    common = dict(block_size=block, symmetric=symmetric, precision=precision)
+    model = roofline.kernel_model(n, emb, block, classes, kind)
+
+    firsts = {}  # kernel -> the first (default) candidate's output, which the others must match
+
+    def measure(name, tiles, fn, split="", compare=lambda out: out):
+        try:
+            out = fn()
+            ms = time_ms(fn, device, args.reps)
+        except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
+            print(f"  {name:12s} {kind:6s} sym={int(symmetric)} {tiles_name(tiles):16s} FAILED "
+                  f"{type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            return None
+        value = compare(out).clone()
+        diff = rel_diff(value, firsts.setdefault(name, value))
+        emit(dict(kernel=name, kind=kind, symmetric=int(symmetric), n_pairs=n, emb=emb, block=block, classes=classes,
+                  tiles=tiles_name(tiles), split=split, ms=round(ms, 4), model_ms=round(model[name], 4),
+                  tflops=round(model["flop"] / ms / 1e9, 1) if name != "epilogue" else "",
+                  max_rel_diff=f"{diff:.1e}"))
+        return out
+
+    sms = 1 if TRITON_INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    partial = None
+    for tiles in candidates(head_forward.FORWARD_TILES, kind):
+        auto = head_forward.split_count(tiles, n, emb // tiles.rows, sms)
+        for split in sorted({auto, 2 * auto} if not TRITON_INTERPRET else {auto}):
+            out = measure("forward", tiles, lambda t=dataclasses.replace(tiles, split=split):
+                          head_forward.launch_head_forward(x.hs, x.ts, x.weight, tiles=t, **common),
+                          split=str(split), compare=lambda p: p.sum(0))
+            partial = out if partial is None else partial
+    if partial is None:
+        return
+    logits = torch.empty(n, classes, device=device, dtype=dtype)
+    dlogits = torch.empty(n, classes, device=device)
+    row_loss = torch.empty(n, device=device)
+    measure("epilogue", Tiles(loss_rows.EPILOGUE_ROWS, 1, 4, 1),
+            lambda: loss_rows.launch_epilogue(partial, None, logits, labels=x.labels, dlogits=dlogits,
+                                              row_loss=row_loss, loss=LOSS_CODES["ncrl"], gamma=0.05,
+                                              margin_reg=True, mean=True) or dlogits,
+            split=str(partial.shape[0]))
+    for tiles in candidates(head_backward.WEIGHT_GRAD_TILES, kind):
+        dweight = torch.empty_like(x.weight)
+        measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_head_backward(
+            x.grad, x.hs, x.ts, x.weight, dweight=d, weight_tiles=t, **common) or d)
+    for tiles in candidates(head_backward.INPUT_GRAD_TILES, kind):
+        dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)
+        measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_head_backward(
+            x.grad, x.hs, x.ts, x.weight, dhs=a, dts=b, input_tiles=t, **common) or torch.cat([a, b], 1))
+
+
+def accuracy(args, device, kind, symmetric):
+    """Default configs through fused_ncrl + backward against the fp64 reference, with the same
+    comparison for eager (the reference backend in the same dtype and precision)."""
+    dtype, precision = KINDS[kind]
+    n = min(args.n, args.accuracy_n)
+    x = make_inputs(n, args.emb, args.block, args.classes, torch.float64, device, seed=1)
+    labels = torch.zeros(n, args.classes, device=device)
+    labels[torch.arange(n), torch.randint(0, args.classes, (n,))] = 1.0
+    bias = torch.zeros(args.classes, device=device, dtype=torch.float64)
+    kw = dict(block_size=args.block, symmetric=symmetric, gamma=0.05, return_logits=True)
+
+    def run(backend, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x.hs, x.ts, x.weight, bias)]
+        loss, logits = ncrl_kernels.fused_ncrl(*leaves, labels, backend=backend, **kw)
+        loss.backward()
+        return [loss.detach(), logits.detach()] + [t.grad for t in leaves[:3]]
+
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        want = run("reference", torch.float64)
+        got = run("triton", dtype)
+        eager = run("reference", dtype)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+    names = ("loss", "logits", "d hs", "d ts", "d weight")
+    parts = [f"{name} {rel_diff(a, w):.1e} (eager {rel_diff(e, w):.1e})" for name, a, e, w in zip(names, got, eager, want)]
+    print(f"  accuracy {kind:6s} sym={int(symmetric)} N={n}: max|triton - fp64| / max|fp64|: " + ", ".join(parts),
+          flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu" if TRITON_INTERPRET else "cuda")
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--accuracy-n", type=int, default=1024)
+    p.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=["bf16", "tf32", "tf32x3"])
+    p.add_argument("--symmetric", nargs="+", type=int, choices=(0, 1), default=[0, 1])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--emb", type=int, default=768)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--classes", type=int, default=97)
+    p.add_argument("--results", default=harness.RESULTS_DIR)
+    args = p.parse_args(argv)
+    if TRITON_INTERPRET:
+        KINDS.update({k: (torch.float32, v[1]) for k, v in KINDS.items()})  # the interpreter has no bf16
+    device = torch.device(args.device)
+    name = harness.device_name(device)
+    commit, stamp = harness.git_commit(), harness.timestamp()
+    path = os.path.join(args.results, f"{name}-kernels.csv")
+    os.makedirs(args.results, exist_ok=True)
+    new = not os.path.exists(path)
+    print(f"device {name}  commit {commit}  torch {torch.__version__}  N={args.n} E={args.emb} B={args.block} "
+          f"C={args.classes}\n  {'kernel':12s} {'kind':6s} {'sym':5s} {'tiles':16s} {'split':>5s} {'ms':>8s} "
+          f"{'model':>8s} {'TFLOP/s':>8s}", flush=True)
+    args.last_rows = []
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+
+        def emit(row):
+            row.update(device=name, commit=commit, timestamp=stamp)
+            args.last_rows.append(row)
+            print(f"  {row['kernel']:12s} {row['kind']:6s} sym={row['symmetric']} {row['tiles']:16s} "
+                  f"{row['split']:>5s} {row['ms']:8.3f} {row['model_ms']:8.3f} {str(row['tflops']):>8s} "
+                  f"diff {row['max_rel_diff']}", flush=True)
+
+        for kind in args.kinds:
+            for symmetric in args.symmetric:
+                kernel_rows(args, device, kind, bool(symmetric), emit)
+                writer.writerows(args.last_rows)
+                f.flush()
+                args.last_rows.clear()
+    for kind in args.kinds:
+        for symmetric in args.symmetric:
+            accuracy(args, device, kind, bool(symmetric))
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
