@@ -141,14 +141,14 @@ def input_grad_kernel(
 # Candidate configs per operand kind, the default first (see head_forward.FORWARD_TILES).
 # d weight sums over pair tiles in order, so a config's block_n fixes its summation order.
 WEIGHT_GRAD_TILES = {
-    "16bit": [Tiles(64, 2, 8, 3), Tiles(64, 4, 8, 2), Tiles(128, 2, 8, 2)],
+    "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "tf32": [Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "tf32x3": [Tiles(64, 2, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
 INPUT_GRAD_TILES = {
-    "16bit": [Tiles(64, 1, 8, 3), Tiles(128, 1, 8, 3), Tiles(64, 2, 8, 3)],
-    "tf32": [Tiles(64, 1, 8, 3), Tiles(128, 1, 8, 3)],
+    "16bit": [Tiles(64, 1, 8, 3), Tiles(128, 1, 8, 3)],
+    "tf32": [Tiles(128, 1, 8, 3), Tiles(64, 1, 8, 3)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }

@@ -113,10 +113,15 @@ FORWARD_TILES = {
 MIN_STEPS_PER_SPLIT = 16
 
 
+# Programs per SM the forward's default split aims at: two halve the tail of the last wave (on
+# the H200, splits for 2 programs per SM ran 5-25% faster than for 1; bench/kernels.py).
+PROGRAMS_PER_SM = 2
+
+
 def split_count(tiles, n, steps, sms):
-    """Partial sums over the `steps` row steps: tiles.split, or (0) enough for every SM to get a
-    program, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
-    split = tiles.split or triton.cdiv(sms, triton.cdiv(n, tiles.block_n))
+    """Partial sums over the `steps` row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM
+    programs per SM, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
+    split = tiles.split or triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(n, tiles.block_n))
     split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
     return triton.cdiv(steps, triton.cdiv(steps, split))
 

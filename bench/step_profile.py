@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Where the time of one fused forward + backward goes on a GPU: torch.profiler over a few steps
+of bench/run.py's case, the GPU time of each kernel, and the step's wall time with and without
+waiting for the GPU (the gap is Python and launch overhead that a training step overlaps with
+the encoder's GPU work).
+
+    python bench/step_profile.py --n 4096 --dtype bf16
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--dtype", choices=sorted(run.DTYPES), default="bf16")
+    p.add_argument("--provider", default="fused-triton")
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    case = run.make_case(args.n, 768, 64, 97, device)
+    dtype = run.DTYPES[args.dtype]
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    step = run.make_step(args.provider)
+
+    def once():
+        for param in case.params:
+            param.grad = None
+        with autocast:
+            loss = step(case)
+        loss.backward()
+
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        once()
+    host_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    torch.cuda.synchronize()
+    queued_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            once()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total_us = sum(e.device_time_total for e in events) / args.steps
+    print(f"{args.provider} {args.dtype} N={args.n}: {queued_ms:.3f} ms per step back to back, CPU side "
+          f"{host_ms:.3f} ms, GPU kernels {total_us / 1e3:.3f} ms")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+        print(f"  {e.device_time_total / args.steps / 1e3:8.3f} ms  x{e.count // args.steps:<3d} {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
