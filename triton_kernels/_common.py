@@ -21,10 +21,18 @@ BCE = tl.constexpr(3)
 LOSS_CODES = {"ncrl": 1, "atl": 2, "bce": 3}
 
 
+# Host-side arithmetic for launches in plain Python: triton.cdiv and triton.next_power_of_2 are
+# jit functions, which cost microseconds per call from Python, on every launch.
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
 def padded(size):
     """A tile dimension covering `size` (classes C, or one group's B feature columns): a power of
     two for tl.arange, at least 16 for tl.dot; the padding is masked to zero."""
-    return max(MIN_DOT, triton.next_power_of_2(size))
+    return max(MIN_DOT, 1 << (size - 1).bit_length())
 
 
 def rows_per_step(block_size, wanted):

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import Tiles, mma, padded, pick_tiles
+from ._common import Tiles, cdiv, mma, padded, pick_tiles
 from .head_forward import rows_of, weight_rows_at
 
 
@@ -169,6 +169,6 @@ def launch_head_backward(grad, hs, ts, weight, *, block_size, symmetric, precisi
         wrap_triton(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, **shapes, **launch)
     if dhs is not None and n > 0:
         tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision)
-        wrap_triton(input_grad_kernel)[(triton.cdiv(n, tiles.block_n), emb // block_size)](
+        wrap_triton(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
             grad, hs, ts, weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
         )

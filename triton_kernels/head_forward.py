@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_INTERPRET, Tiles, mma, padded, pick_tiles, sm_count
+from ._common import TRITON_INTERPRET, Tiles, cdiv, mma, padded, pick_tiles, sm_count
 
 
 @triton.jit
@@ -121,9 +121,9 @@ PROGRAMS_PER_SM = 2
 def split_count(tiles, n, steps, sms):
     """Partial sums over the `steps` row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM
     programs per SM, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
-    split = tiles.split or triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(n, tiles.block_n))
+    split = tiles.split or cdiv(PROGRAMS_PER_SM * sms, cdiv(n, tiles.block_n))
     split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
-    return triton.cdiv(steps, triton.cdiv(steps, split))
+    return cdiv(steps, cdiv(steps, split))
 
 
 def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, tiles=None):
@@ -139,8 +139,8 @@ def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, til
     partial = hs.new_empty((split, n, classes), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
     if n == 0:
         return partial
-    wrap_triton(head_forward_kernel)[(triton.cdiv(n, tiles.block_n), split)](
-        hs, ts, weight, partial, n, triton.cdiv(steps, split),
+    wrap_triton(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
+        hs, ts, weight, partial, n, cdiv(steps, split),
         E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
         COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes), **launch,
     )
