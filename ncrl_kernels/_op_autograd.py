@@ -3,7 +3,7 @@
 - the extension's ``ncrl_kernels::head_forward``, ``head_backward``, ``loss_forward`` and
   ``fused_forward`` (schemas in csrc/ops.cpp; "cpp" and "cuda" backends),
 - the Triton ``ncrl_kernels::triton_*`` ops (triton_kernels/backend.py), which take the same
-  arguments plus trailing ones of their own (``allow_tf32``), handed on unchanged to their
+  arguments plus trailing ones of their own (``precision``), handed on unchanged to their
   ``head_backward``.
 
 Forward ops return d loss / d logits along with the loss, so a backward only scales it by the

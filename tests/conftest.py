@@ -12,8 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never reach the Hugging Face hub (set before anything imports huggingface_hub).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Triton kernels run their first autotune config (see ncrl_kernels/triton_kernels/_common.py).
-os.environ.setdefault("NCRL_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -23,7 +23,7 @@ def extension_devices():
 
 def op_families():
     """(device, family) of every operator family that runs here: the extension's ops and the
-    Triton ops (which take a trailing allow_tf32)."""
+    Triton ops (which take a trailing precision)."""
     families = [pytest.param(*p.values, "extension", id=f"{p.id}-extension", marks=p.marks)
                 for p in extension_devices()]
     for dev in ("cpu", "cuda"):

@@ -3,10 +3,11 @@ the backend interface of ``ncrl_kernels._dispatch``.
 
 The operators mirror the C++ ones (csrc/ops.cpp) under their own names:
 
-- ``ncrl_kernels::triton_fused_forward`` -> (loss, logits, d loss / d logits): head and loss in
-  one kernel launch (plus the sum of the per-pair losses); its backward scales d loss / d logits
-  by the incoming gradient and runs the head backward (fake kernels and autograd are shared with
-  the extension's ops: ncrl_kernels/_op_autograd.py). Each takes a trailing ``allow_tf32``.
+- ``ncrl_kernels::triton_fused_forward`` -> (loss, logits, d loss / d logits): the head's kernel
+  and one epilogue kernel for bias and loss (plus the sum of the per-pair losses); its backward
+  scales d loss / d logits by the incoming gradient and runs the head backward (fake kernels and
+  autograd are shared with the extension's ops: ncrl_kernels/_op_autograd.py). The head ops take
+  a trailing ``precision``, tl.dot's fp32 precision.
 - ``ncrl_kernels::triton_head_forward`` / ``triton_head_backward``: the head alone.
 - ``ncrl_kernels::triton_loss_forward`` -> (loss, d loss / d logits): the losses alone.
 
@@ -16,10 +17,10 @@ Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``wrap_triton`` cannot trac
 kernels, so the same functions are registered as opaque ``custom_op``s with explicit fake
 kernels; everything else is identical.
 
-fp32 matmuls use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set (the flag
-cuBLAS follows, set by ``torch.set_float32_matmul_precision("high")``); it is read when the op is
-called and passed to the kernels (always False for other dtypes). Kernels launch on the device of
-their tensors.
+fp32 matmuls run as TF32 where PyTorch allows TF32 for matmuls, else as 3xTF32
+(``_common.fp32_matmul_precision``); the setting is read when the op is called and passed to the
+kernels ("ieee", which tl.dot ignores, for other dtypes). Kernels launch on the device of their
+tensors.
 """
 import contextlib
 from typing import Optional
