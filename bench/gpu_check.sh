@@ -13,10 +13,11 @@
 #   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32),
 #   4. once the build is done: the other GPU tests and the fused-cuda rows at N=4096,
 #   5. N=1024 and 16384 (fwd, bwd, fwd_bwd), bf16 and TF32, then IEEE fp32 at N=4096,
-#   6. every Triton kernel's candidate configs alone (bench/kernels.py) and the roofline model,
-#   7. plots and a summary (fused against eager, compiled and gemm-bound).
-# bench/atlop_step.py (a whole DocREModel training step) is not written yet, so there is no
-# end-to-end phase. The whole stops itself before GPU_CHECK_BUDGET_S (default 530 s). When $OUT is
+#   6. a whole training step: ATLOP's DocREModel with a BERT-base-sized encoder, fused against the
+#      unfused head (bench/atlop_step.py),
+#   7. every Triton kernel's candidate configs alone (bench/kernels.py) and the roofline model,
+#   8. plots and a summary (fused against eager, compiled and gemm-bound).
+# The whole stops itself before GPU_CHECK_BUDGET_S (default 530 s). When $OUT is
 # set, the GPU CSVs, a summary and one archive of the results and logs are copied there.
 # GPU_CHECK_DRY_RUN=1 runs the logic without a GPU: each command is printed, not run, and the clock
 # advances by its expected duration, which shows the timeline the budget gives.
@@ -167,6 +168,10 @@ note "TF32 N=1024, 16384: status $?"
 run_for $(( $(left) - 60 )) 25 "$LOGS/bench-fp32.log" "$PY" "${BENCH[@]}" --seconds 0.5 --n 4096 --dtypes fp32
 note "IEEE fp32 N=4096 (the Triton backend runs 3xTF32): status $?"
 
+phase "a whole training step: bench/atlop_step.py"
+run_for $(( $(left) - 60 )) 40 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --seconds 2
+note "bench/atlop_step.py: status $? -> bench/results/$GPU-atlop-step.csv"
+
 phase "every Triton kernel's candidates alone; the model"
 run_for $(( $(left) - 15 )) 50 "$LOGS/kernels.log" "$PY" bench/kernels.py --n 4096 --kinds bf16 tf32
 note "bench/kernels.py: status $? -> bench/results/$GPU-kernels.csv"
@@ -184,12 +189,14 @@ for log in bench-bf16 bench-fp32-tf32 bench-fp32; do
     fi
 done
 grep -h "per step" "$LOGS/step-profile.log" 2>/dev/null | sed 's/^/  /'
+grep -h "of the step\|faster than eager" "$LOGS/atlop-step.log" 2>/dev/null | sed 's/^/  /'
 echo "  total $(elapsed)s"
 
 if [[ -n "${OUT:-}" && $DRY != 1 ]]; then
     mkdir -p "$OUT"
     [[ -f "bench/results/$GPU.csv" ]] && cp -f "bench/results/$GPU.csv" "$OUT/"
     [[ -f "bench/results/$GPU-kernels.csv" ]] && cp -f "bench/results/$GPU-kernels.csv" "$OUT/"
+    [[ -f "bench/results/$GPU-atlop-step.csv" ]] && cp -f "bench/results/$GPU-atlop-step.csv" "$OUT/"
     [[ -f "bench/results/tf32/$GPU.csv" ]] && cp -f "bench/results/tf32/$GPU.csv" "$OUT/tf32-$GPU.csv"
     for line in "${SUMMARY[@]}"; do echo "$line"; done >"$OUT/summary.txt"
     # Everything else, the CSVs included in case the device name above was not found.

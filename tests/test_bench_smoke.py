@@ -65,3 +65,16 @@ def _measure_two_steps():
     torch.ones(128 * 2**20 // 4).sum()  # allocated and freed before measuring
     freed = harness.peak_extra_mib(lambda _: torch.ones(64 * 2**20 // 4).sum(), device)
     return freed, harness.peak_extra_mib(lambda _: kept.append(torch.ones(16 * 2**20 // 4)), device)
+
+
+def test_atlop_step_runs(tmp_path):
+    """bench/atlop_step.py end to end on a tiny encoder: a row per (batch, provider)."""
+    pytest.importorskip("transformers")
+    import atlop_step
+
+    rows = atlop_step.main(["--device", "cpu", "--tiny", "--layers", "1", "--steps", "1", "--seconds", "0",
+                            "--results", str(tmp_path)])
+    assert {(r["kernel"], r["provider"]) for r in rows} == {
+        (f"atlop_step_{batch}", provider) for batch in ("docred", "pairs")
+        for provider in ("fused-cpp", "eager", "encoder-only")}
+    assert all(r["ms_p50"] > 0 for r in rows)

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""How much faster is a training step? ATLOP's whole model (`ncrl_kernels.atlop.DocREModel`) with
+a BERT-base-sized encoder (random weights: nothing is downloaded), forward + backward of one
+batch, with the fused head + NCRL against the unfused reference head (ATLOP's code path, which
+builds the [pairs, E*B] feature), and with a free head (the encoder and extractors alone), which
+gives the head's share of the step.
+
+Batches: "docred" = 4 documents of 512 tokens with 20 entities each (380 ordered pairs per
+document, DocRED's average), and "pairs" = 4 documents with 32 entities each (3968 pairs), the
+pair-heavy end of DocRED batches.
+
+    python bench/atlop_step.py                       # CUDA if available (bf16 autocast), else CPU (fp32)
+    python bench/atlop_step.py --layers 2 --steps 2  # a smaller encoder: the head's share grows
+
+Rows go to bench/results/<device>-atlop-step.csv (bench/run.py's columns; kernel = the batch,
+provider = fused-<backend> / eager / encoder-only, mode = "step", n_pairs = the batch's pairs).
+"""
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import ncrl_kernels  # noqa: E402
+from ncrl_kernels.atlop import DocREModel  # noqa: E402
+
+BATCHES = {"docred": (4, 20), "pairs": (4, 32)}  # documents, entities per document
+TOKENS = 512
+CLASSES = 97
+# --tiny: a small encoder and batch, for a smoke test of the script (not a measurement).
+TINY = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=32000)
+POSITIVE_PAIR_RATE = 0.03
+
+
+def make_model(args, device, backend):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=args.layers, num_labels=CLASSES,
+                                     attn_implementation="eager", **(TINY if args.tiny else {}))
+    config.transformer_type = "bert"
+    config.cls_token_id, config.sep_token_id = 101, 102
+    model = DocREModel(config, transformers.BertModel(config), 768, 64, num_labels=4, backend=backend)
+    return model.to(device)
+
+
+def make_batch(documents, entities, device, tokens=TOKENS, seed=0):
+    """Token ids, mask, and per document: entity mentions (1-3 "*" positions each), all ordered
+    pairs, and their multi-hot labels (3% of pairs hold one relation, the rest "Na")."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, 30000, (documents, tokens), generator=g)
+    input_ids[:, 0], input_ids[:, -1] = 101, 102
+    entity_pos, hts, labels = [], [], []
+    for _ in range(documents):
+        entity_pos.append([[(int(s), int(s) + 1) for s in torch.randint(1, tokens - 3, (int(k),), generator=g)]
+                           for k in torch.randint(1, 4, (entities,), generator=g)])
+        pairs = [[h, t] for h in range(entities) for t in range(entities) if h != t]
+        rows = torch.zeros(len(pairs), CLASSES)
+        positive = torch.rand(len(pairs), generator=g) < POSITIVE_PAIR_RATE
+        rows[positive, torch.randint(1, CLASSES, (len(pairs),), generator=g)[positive]] = 1.0
+        rows[:, 0] = (~positive).float()
+        hts.append(pairs)
+        labels.append(rows.tolist())
+    return dict(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
+                entity_pos=entity_pos, hts=hts, labels=labels)
+
+
+class FreeHead(torch.nn.Module):
+    """Stands in for the head + loss: a zero loss that still backpropagates into hs and ts."""
+
+    num_classes = CLASSES
+    loss = "ncrl"
+
+    def forward(self, hs, ts, labels, return_logits=False):
+        return (hs.sum() + ts.sum()) * 0.0, hs.new_zeros(hs.shape[0], CLASSES)
+
+
+def step_fn(model, batch, autocast_dtype, device):
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def step(_):
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            loss, _ = model(**batch)
+        loss.backward()
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", nargs="+", choices=sorted(BATCHES), default=["docred", "pairs"])
+    p.add_argument("--layers", type=int, default=12, help="encoder layers (12: BERT-base)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case (at least)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--results", default=harness.RESULTS_DIR)
+    p.add_argument("--tiny", action="store_true", help="a small encoder and batch: a smoke test, not a measurement")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    fused = next(b for b in ("triton", "cpp", "cuda") if b in ncrl_kernels.available_backends(device)
+                 and not (b == "triton" and device.type == "cpu"))
+    providers = {f"fused-{fused}": fused, "eager": "reference", "encoder-only": "reference"}
+    name, commit, stamp = harness.device_name(device), harness.git_commit(), harness.timestamp()
+    dtype_name = "bf16" if autocast_dtype else "fp32"
+    encoder = "tiny" if args.tiny else "BERT-base-sized"
+    print(f"device {name}  commit {commit}  {encoder} encoder, {args.layers} layers, {dtype_name}")
+    rows = []
+    for batch_name in args.batches:
+        documents, entities = (2, 4) if args.tiny else BATCHES[batch_name]
+        batch = make_batch(documents, entities, device, tokens=64 if args.tiny else TOKENS)
+        n_pairs = sum(len(h) for h in batch["hts"])
+        times = {}
+        for provider, backend in providers.items():
+            model = make_model(args, device, backend)
+            if provider == "encoder-only":
+                model.bilinear = FreeHead()
+            step = step_fn(model, batch, autocast_dtype, device)
+            times[provider] = harness.time_ms(step, device, min_reps=args.steps, budget_s=args.seconds, warmup=1)
+            peak = harness.peak_extra_mib(step, device) if device.type == "cuda" else float("nan")
+            rows.append(dict(kernel=f"atlop_step_{batch_name}", provider=provider, mode="step", dtype=dtype_name,
+                             n_pairs=n_pairs, emb=768, block=64, classes=CLASSES, ms_p50=round(times[provider][0], 2),
+                             ms_p20=round(times[provider][1], 2), ms_p80=round(times[provider][2], 2),
+                             peak_mem_mib=round(peak, 1), device=name, commit=commit, timestamp=stamp))
+            print(f"  {batch_name:7s} {n_pairs:5d} pairs  {provider:14s} {times[provider][0]:9.1f} ms"
+                  + (f"  peak extra {peak:7.0f} MiB" if device.type == "cuda" else ""), flush=True)
+            del model
+        base = times["encoder-only"][0]
+        for provider in (f"fused-{fused}", "eager"):
+            head = times[provider][0] - base
+            print(f"  {batch_name:7s} {provider:14s} head + loss {head:8.1f} ms = {100 * head / times[provider][0]:4.1f}%"
+                  " of the step")
+        print(f"  {batch_name:7s} step: fused {times['eager'][0] / times[f'fused-{fused}'][0]:.2f}x faster than eager")
+    path = os.path.join(args.results, f"{name}-atlop-step.csv")
+    os.makedirs(args.results, exist_ok=True)
+    new = not os.path.exists(path)
+    import csv
+
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
