@@ -136,16 +136,7 @@ def main(argv=None):
             print(f"  {batch_name:7s} {provider:14s} head + loss {head:8.1f} ms = {100 * head / times[provider][0]:4.1f}%"
                   " of the step")
         print(f"  {batch_name:7s} step: fused {times['eager'][0] / times[f'fused-{fused}'][0]:.2f}x faster than eager")
-    path = os.path.join(args.results, f"{name}-atlop-step.csv")
-    os.makedirs(args.results, exist_ok=True)
-    new = not os.path.exists(path)
-    import csv
-
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    path = harness.append_rows(rows, device, args.results, suffix="-atlop-step")
     print(f"appended {len(rows)} rows to {path}")
     return rows
 

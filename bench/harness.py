@@ -133,13 +133,13 @@ def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, w
     return statistics.median(times), q[1], q[7]
 
 
-def append_rows(rows, device, results_dir=RESULTS_DIR):
-    """Append rows (dicts with CSV_COLUMNS) to results/<device>.csv; returns the path."""
+def append_rows(rows, device, results_dir=RESULTS_DIR, suffix="", columns=CSV_COLUMNS):
+    """Append rows (dicts with `columns`) to results/<device><suffix>.csv; returns the path."""
     os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"{device_name(device)}.csv")
+    path = os.path.join(results_dir, f"{device_name(device)}{suffix}.csv")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -12,7 +12,6 @@ Rows go to bench/results/<device>-kernels.csv. This is how the default configs i
 triton_kernels/ (FORWARD_TILES, WEIGHT_GRAD_TILES, INPUT_GRAD_TILES) are chosen.
 """
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -28,7 +27,7 @@ import roofline  # noqa: E402
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
 from ncrl_kernels.triton_kernels._common import (  # noqa: E402
-    INTERPRETER_TILES, LOSS_CODES, TRITON_INTERPRET, Tiles, padded)
+    INTERPRETER_TILES, LOSS_CODES, TRITON_INTERPRET, Tiles, operand_kind, padded)
 
 # Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
 KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
@@ -91,8 +90,8 @@ def make_inputs(n, emb, block, classes, dtype, device, seed=0):
     return Inputs(to(hs), to(ts), to(weight), labels.to(device), to(grad))
 
 
-def candidates(table, kind):
-    return [INTERPRETER_TILES] if TRITON_INTERPRET else table["16bit" if kind == "bf16" else kind]
+def candidates(table, dtype, precision):
+    return [INTERPRETER_TILES] if TRITON_INTERPRET else table[operand_kind(dtype, precision)]
 
 
 def tiles_name(tiles):
@@ -126,10 +125,9 @@ def kernel_rows(args, device, kind, symmetric, emit):
                   max_rel_diff=f"{diff:.1e}"))
         return out
 
-    sms = 1 if TRITON_INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     partial = None
-    for tiles in candidates(head_forward.FORWARD_TILES, kind):
-        auto = head_forward.split_count(tiles, n, emb // tiles.rows, sms)
+    for tiles in candidates(head_forward.FORWARD_TILES, dtype, precision):
+        auto = head_forward.split_count(tiles, n, emb, block, device)
         for split in sorted({(auto + 1) // 2, auto} if not TRITON_INTERPRET else {auto}):
             out = measure("forward", tiles, lambda t=dataclasses.replace(tiles, split=split):
                           head_forward.launch_head_forward(x.hs, x.ts, x.weight, tiles=t, **common),
@@ -145,11 +143,11 @@ def kernel_rows(args, device, kind, symmetric, emit):
                                               row_loss=row_loss, loss=LOSS_CODES["ncrl"], gamma=0.05,
                                               margin_reg=True, mean=True) or dlogits,
             split=str(partial.shape[0]))
-    for tiles in candidates(head_backward.WEIGHT_GRAD_TILES, kind):
+    for tiles in candidates(head_backward.WEIGHT_GRAD_TILES, dtype, precision):
         dweight = torch.empty_like(x.weight)
         measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_head_backward(
             x.grad, x.hs, x.ts, x.weight, dweight=d, weight_tiles=t, **common) or d)
-    for tiles in candidates(head_backward.INPUT_GRAD_TILES, kind):
+    for tiles in candidates(head_backward.INPUT_GRAD_TILES, dtype, precision):
         dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)
         measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_head_backward(
             x.grad, x.hs, x.ts, x.weight, dhs=a, dts=b, input_tiles=t, **common) or torch.cat([a, b], 1))
@@ -204,35 +202,24 @@ def main(argv=None):
     device = torch.device(args.device)
     name = harness.device_name(device)
     commit, stamp = harness.git_commit(), harness.timestamp()
-    path = os.path.join(args.results, f"{name}-kernels.csv")
-    os.makedirs(args.results, exist_ok=True)
-    new = not os.path.exists(path)
     print(f"device {name}  commit {commit}  torch {torch.__version__}  N={args.n} E={args.emb} B={args.block} "
           f"C={args.classes}\n  {'kernel':12s} {'kind':6s} {'sym':5s} {'tiles':16s} {'split':>5s} {'ms':>8s} "
           f"{'model':>8s} {'TFLOP/s':>8s}", flush=True)
-    args.last_rows = []
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
 
-        def emit(row):
-            row.update(device=name, commit=commit, timestamp=stamp)
-            args.last_rows.append(row)
-            print(f"  {row['kernel']:12s} {row['kind']:6s} sym={row['symmetric']} {row['tiles']:16s} "
-                  f"{row['split']:>5s} {row['ms']:8.3f} {row['model_ms']:8.3f} {str(row['tflops']):>8s} "
-                  f"diff {row['max_rel_diff']}", flush=True)
+    def emit(row):
+        row.update(device=name, commit=commit, timestamp=stamp)
+        harness.append_rows([row], device, args.results, suffix="-kernels", columns=COLUMNS)
+        print(f"  {row['kernel']:12s} {row['kind']:6s} sym={row['symmetric']} {row['tiles']:16s} "
+              f"{row['split']:>5s} {row['ms']:8.3f} {row['model_ms']:8.3f} {str(row['tflops']):>8s} "
+              f"diff {row['max_rel_diff']}", flush=True)
 
-        for kind in args.kinds:
-            for symmetric in args.symmetric:
-                kernel_rows(args, device, kind, bool(symmetric), emit)
-                writer.writerows(args.last_rows)
-                f.flush()
-                args.last_rows.clear()
+    for kind in args.kinds:
+        for symmetric in args.symmetric:
+            kernel_rows(args, device, kind, bool(symmetric), emit)
     for kind in args.kinds:
         for symmetric in args.symmetric:
             accuracy(args, device, kind, bool(symmetric))
-    print(f"rows appended to {path}")
+    print(f"rows appended to {os.path.join(args.results, name + '-kernels.csv')}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_INTERPRET, Tiles, cdiv, mma, padded, pick_tiles, sm_count
+from ._common import TRITON_INTERPRET, Tiles, cdiv, mma, padded, pick_tiles, rows_per_step, sm_count
 
 
 @triton.jit
@@ -118,10 +118,16 @@ MIN_STEPS_PER_SPLIT = 16
 PROGRAMS_PER_SM = 2
 
 
-def split_count(tiles, n, steps, sms):
-    """Partial sums over the `steps` row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM
-    programs per SM, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
-    split = tiles.split or cdiv(PROGRAMS_PER_SM * sms, cdiv(n, tiles.block_n))
+def row_steps(tiles, emb, block_size):
+    """The forward's steps: E feature rows, ROWS per tl.dot."""
+    return emb // rows_per_step(block_size, tiles.rows)
+
+
+def split_count(tiles, n, emb, block_size, device):
+    """Partial sums over the row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM programs
+    per SM of `device`, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
+    steps = row_steps(tiles, emb, block_size)
+    split = tiles.split or cdiv(PROGRAMS_PER_SM * sm_count(device), cdiv(n, tiles.block_n))
     split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
     return cdiv(steps, cdiv(steps, split))
 
@@ -133,15 +139,15 @@ def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, til
     n, emb = hs.shape
     classes = weight.shape[0]
     tiles = tiles or pick_tiles(FORWARD_TILES, hs.dtype, precision)
-    launch = tiles.launch_args(block_size)
-    steps = emb // launch["ROWS"]
-    split = split_count(tiles, n, steps, sm_count(hs.device))
+    steps = row_steps(tiles, emb, block_size)
+    split = split_count(tiles, n, emb, block_size, hs.device)
     partial = hs.new_empty((split, n, classes), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
     if n == 0:
         return partial
     wrap_triton(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
         hs, ts, weight, partial, n, cdiv(steps, split),
         E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
-        COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes), **launch,
+        COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
+        **tiles.launch_args(block_size),
     )
     return partial
