@@ -1,7 +1,8 @@
 """What is particular to the Triton backend (the shared backend matrix in test_backends.py holds it
 to the reference like every other backend): its operators, shapes the matrix does not reach, the
-fp32 precision policy, every candidate config, that its kernels compile for real GPUs, and, on a CUDA machine, DocRED-sized runs,
-bitwise determinism, the memory bound, offsets past 2**31 and 3xTF32's accuracy."""
+fp32 precision policy, every candidate config, that its kernels compile for real GPUs, and, on a
+CUDA machine, DocRED-sized runs, bitwise determinism, the memory bound, offsets past 2**31 and
+3xTF32's accuracy."""
 import dataclasses
 import importlib.util
 import os
@@ -97,10 +98,14 @@ PRECISION_SETTINGS = {
 
 @pytest.fixture
 def pristine_precision():
-    """PyTorch's fp32 precision settings back at their defaults before and after the test (the
-    legacy and new APIs must not be mixed in one test, so nothing is read through the legacy one)."""
+    """PyTorch's fp32 precision settings back at their defaults before and after the test, through
+    both APIs: a setting made through one API and undone through the other alone leaves the
+    legacy flags raising when read (cuBLAS reads them for every later matmul). The new API comes
+    last, back to "none", so that a global setting reaches the matmuls again."""
 
     def reset():
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.fp32_precision = "none"
         torch.backends.cuda.matmul.fp32_precision = "none"
 
@@ -135,16 +140,13 @@ def candidate_configs(device):
     from ncrl_kernels.triton_kernels import head_backward, head_forward
 
     out, seen = [], set()
-    for table_name, table in (("forward", head_forward.FORWARD_TILES),
-                              ("weight_grad", head_backward.WEIGHT_GRAD_TILES),
-                              ("input_grad", head_backward.INPUT_GRAD_TILES)):
+    for table in (head_forward.FORWARD_TILES, head_backward.WEIGHT_GRAD_TILES, head_backward.INPUT_GRAD_TILES):
         for kind, candidates in table.items():
             for tiles in candidates:
-                key = (table_name, tiles.block_n, tiles.rows) if device == "cpu" else (table_name, kind, tiles)
+                key = (id(table), tiles.block_n, tiles.rows) if device == "cpu" else (id(table), kind, tiles)
                 if key not in seen:
                     seen.add(key)
-                    out.append(pytest.param(table, kind, tiles, id=f"{table_name}-{kind}-n{tiles.block_n}-r{tiles.rows}"
-                                            f"-w{tiles.num_warps}-s{tiles.num_stages}"))
+                    out.append((table, kind, tiles))
     return out
 
 
@@ -157,7 +159,7 @@ def test_every_candidate_config(device, monkeypatch):
     from ncrl_kernels.triton_kernels import _common
 
     dtypes = {"16bit": torch.bfloat16, "tf32": torch.float32, "tf32x3": torch.float32, "fp64": torch.float64}
-    for table, kind, tiles in [p.values for p in candidate_configs(device)]:
+    for table, kind, tiles in candidate_configs(device):
         with monkeypatch.context() as patch:
             if device == "cpu":
                 patch.setattr(_common, "INTERPRETER_TILES", dataclasses.replace(tiles, split=2))
