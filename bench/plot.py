@@ -31,9 +31,13 @@ def is_bench_csv(path):
 
 
 def newest_rows(path):
+    """The newest row of each (provider, mode, dtype, N) among the plotted modes (a whole training
+    step, bench/atlop_step.py's mode "step", has no N axis to plot against)."""
     latest = {}
     with open(path) as f:
         for row in csv.DictReader(f):
+            if row["mode"] not in MODES:
+                continue
             key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
             if key not in latest or row["timestamp"] >= latest[key]["timestamp"]:
                 latest[key] = row
@@ -69,7 +73,8 @@ def plot_file(path):
         fig.suptitle(f"group-bilinear head + NCRL, E={rows[0]['emb']} B={rows[0]['block']} "
                      f"C={rows[0]['classes']} on {device}")
         fig.tight_layout()
-        out = os.path.join(os.path.dirname(path), f"{device}-{dtype}.png")
+        stem = os.path.splitext(os.path.basename(path))[0]  # <device>, or <device>-<study>
+        out = os.path.join(os.path.dirname(path), f"{stem}-{dtype}.png")
         fig.savefig(out, dpi=110)
         plt.close(fig)
         outputs.append(out)
@@ -84,7 +89,10 @@ def main(argv=None):
         if not is_bench_csv(path):
             print(f"skipped {path}: not a bench/run.py CSV")
             continue
-        for out in plot_file(path):
+        outputs = plot_file(path)
+        if not outputs:
+            print(f"skipped {path}: no {'/'.join(MODES)} rows")
+        for out in outputs:
             print(f"wrote {out}")
 
 
