@@ -41,11 +41,13 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, Reduction reduction);
 // A tensor as the kernels read it: contiguous, in the compute type `ct`.
 at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct);
 
-// hs, ts and weight as the head kernels read them (to_compute, in the compute type of hs).
+// hs, ts and weight as the head kernels read them: contiguous, in the kernels' operand type
+// (DeviceOps' Kernels::operand_type; a no-op for inputs already in it).
 struct HeadInputs {
   at::Tensor hs, ts, weight;
 };
-HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight);
+HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
+                       at::ScalarType operand_type);
 
 // Logits [N, C] with `options` (the compute type) holding the bias, or zeros: the head kernels add
 // the group-bilinear terms to them.

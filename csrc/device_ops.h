@@ -10,8 +10,12 @@
 //                             at::Tensor& dhs, at::Tensor& dts, at::Tensor& dweight);
 //       dhs, dts = d/d hs, d/d ts (when defined); dweight (when defined, zero-filled) += d/d weight
 //   static void loss_rows(const at::Tensor& logits, LossBatch& loss);
+//   static at::ScalarType operand_type(at::ScalarType input);
+//       the dtype in which the head kernels read hs, ts and weight (and write dhs, dts): the
+//       compute type, or the input's own 16-bit type for kernels whose GEMMs take 16-bit operands
 //
-// Every tensor handed to them is contiguous, in the compute type and on the device of the inputs.
+// Every tensor handed to them is contiguous and on the device of the inputs. hs, ts, weight, dhs and
+// dts are in the operand type; logits, grad, dweight and the loss tensors in the compute type.
 // The device's source file registers the operators:
 //   TORCH_LIBRARY_IMPL(ncrl_kernels, <dispatch key>, m) { DeviceOps<Kernels>::register_impls(m); }
 #pragma once
@@ -27,8 +31,8 @@ struct DeviceOps {
   static at::Tensor head_forward(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, int64_t block_size, bool symmetric) {
     const HeadSizes s = check_head(hs, ts, weight, bias, block_size);
-    const HeadInputs in = head_inputs(hs, ts, weight);
-    at::Tensor logits = bias_logits(s, bias, in.hs.options());
+    const HeadInputs in = head_inputs(hs, ts, weight, Kernels::operand_type(hs.scalar_type()));
+    at::Tensor logits = bias_logits(s, bias, hs.options().dtype(compute_type(hs.scalar_type())));
     Kernels::head_forward(s, in, symmetric, logits, nullptr);
     return logits.to(hs.scalar_type());
   }
@@ -40,14 +44,15 @@ struct DeviceOps {
     TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef({s.n, s.classes}) && grad_logits.device() == hs.device(),
                 "grad_logits must be [N, C] = [", s.n, ", ", s.classes, "] on ", hs.device(), ", got ",
                 grad_logits.sizes(), " on ", grad_logits.device());
-    const HeadInputs in = head_inputs(hs, ts, weight);
-    const at::Tensor grad = to_compute(grad_logits, in.hs.scalar_type());
+    const HeadInputs in = head_inputs(hs, ts, weight, Kernels::operand_type(hs.scalar_type()));
+    const at::Tensor grad = to_compute(grad_logits, compute_type(hs.scalar_type()));
     at::Tensor dhs, dts, dweight;
     if (input_grad) {
       dhs = at::empty_like(in.hs);
       dts = at::empty_like(in.ts);
     }
-    if (weight_grad) dweight = at::zeros_like(in.weight);
+    // Accumulated over pair tiles in the compute type, whatever the operand type.
+    if (weight_grad) dweight = at::zeros(in.weight.sizes(), grad.options());
     Kernels::head_backward(s, in, grad, symmetric, dhs, dts, dweight);
     // Outputs not asked for are fresh empty tensors (outputs must not alias each other).
     const auto none = [&] { return hs.new_empty({0}); };
@@ -75,8 +80,8 @@ struct DeviceOps {
     check_labels(labels, s.n, s.classes, hs.device());
     const Reduction red = parse_reduction(reduction);
     LossBatch batch = loss_batch(labels, loss, gamma, margin_reg, red, compute_type(hs.scalar_type()));
-    const HeadInputs in = head_inputs(hs, ts, weight);
-    at::Tensor logits = bias_logits(s, bias, in.hs.options());
+    const HeadInputs in = head_inputs(hs, ts, weight, Kernels::operand_type(hs.scalar_type()));
+    at::Tensor logits = bias_logits(s, bias, hs.options().dtype(compute_type(hs.scalar_type())));
     Kernels::head_forward(s, in, symmetric, logits, &batch);
     return {reduce_rows(batch.row_loss, red), logits.to(hs.scalar_type()), batch.grad};
   }

@@ -80,9 +80,9 @@ at::Tensor to_compute(const at::Tensor& x, at::ScalarType ct) {
   return x.to(ct).contiguous();
 }
 
-HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight) {
-  const auto ct = compute_type(hs.scalar_type());
-  return {to_compute(hs, ct), to_compute(ts, ct), to_compute(weight, ct)};
+HeadInputs head_inputs(const at::Tensor& hs, const at::Tensor& ts, const at::Tensor& weight,
+                       at::ScalarType operand_type) {
+  return {to_compute(hs, operand_type), to_compute(ts, operand_type), to_compute(weight, operand_type)};
 }
 
 at::Tensor bias_logits(const HeadSizes& s, const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {

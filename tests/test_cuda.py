@@ -22,9 +22,12 @@ pytestmark = [
 
 MiB = 1 << 20
 
-# (N, E, B, C). The CUDA kernels tile pairs so that one [tile, B*B] feature slice holds 32 MiB.
+# (N, E, B, C). The CUDA kernels tile pairs so that one [tile, groups * B*B] slice of features (or of
+# their gradient, fp32 for 16-bit inputs) holds 32 MiB: for B = 64, 2048 pairs of fp32 (4096 of bf16
+# features in the forward), so 5000 pairs take 2-3 tiles; with fewer pairs than that, several groups
+# share one slice (B24: all 3; B320: 81 pairs and one group per slice).
 SHAPES = [
-    pytest.param((5000, 64, 64, 7), id="3-tiles-fp32-5-tiles-fp64"),
+    pytest.param((5000, 64, 64, 7), id="tiles-of-pairs"),
     pytest.param((200, 320, 320, 3), id="B320-more-than-a-block-of-threads"),
     pytest.param((37, 72, 24, 5), id="B24-partial-warp-3-groups"),
     pytest.param((3, 4, 1, 2), id="B1"),
@@ -34,7 +37,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
 def test_tiles_and_block_sizes_match_reference(shape, symmetric):
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         check_fused("cuda", "cuda", shape, dtype, symmetric=symmetric, gamma=0.05)
 
 
@@ -60,6 +63,28 @@ def test_memory_bounded_by_pair_tile():
         lambda: ncrl_kernels.fused_ncrl(*params, labels, block_size=block, backend="cuda").backward())
     feature_mib = n * emb * block * 4 / MiB
     assert extra < 256, f"peak extra memory {extra:.0f} MiB (the eager feature alone: {feature_mib:.0f} MiB)"
+
+
+def test_bf16_memory_has_no_fp32_copies_of_the_inputs():
+    """DocRED's head in bf16 at N = 4096: what the fused forward + backward may hold beyond its inputs
+    is the 32 MiB workspace, the fp32 weight gradient and its bf16 result, the bf16 input gradients
+    and O(N C) rows. An fp32 copy of the weight (18 MiB) or of hs and ts (24 MiB) would not fit."""
+    n, emb, block, classes = 4096, 768, 64, 97
+    hs, ts, weight, bias, labels = make_head_inputs(n, emb, block, classes, dtype=torch.bfloat16, device="cuda")
+    run_fused("cuda", *leaves(hs[:64], ts[:64], weight, bias), labels[:64], block_size=block)  # cuBLAS warm-up
+    params = leaves(hs, ts, weight, bias)
+    extra = cuda_peak_extra_mib(
+        lambda: ncrl_kernels.fused_ncrl(*params, labels, block_size=block, backend="cuda").backward())
+    budget = {
+        "workspace": 32 * MiB,
+        "fp32 weight gradient": 4 * weight.numel(),
+        "bf16 weight gradient": 2 * weight.numel(),
+        "bf16 hs, ts gradients": 2 * 2 * hs.numel(),
+        "rows, allocator rounding": 12 * MiB,
+    }
+    assert extra * MiB < sum(budget.values()), (
+        f"peak extra memory {extra:.0f} MiB; budget {sum(budget.values()) / MiB:.0f} MiB: "
+        + ", ".join(f"{k} {v / MiB:.1f}" for k, v in budget.items()))
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])

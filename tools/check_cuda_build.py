@@ -8,7 +8,10 @@ Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .
 3. installs the wheel into the venv and, in a fresh interpreter outside the source tree, checks that
    the extension loads and registered CPU and CUDA kernels for every operator;
 4. checks with cuobjdump that the library holds a cubin for every architecture of
-   TORCH_CUDA_ARCH_LIST (setup.py's default when unset) and PTX for the "+PTX" ones.
+   TORCH_CUDA_ARCH_LIST (setup.py's default when unset) and PTX for the "+PTX" ones;
+5. checks that the bf16/fp16 path is 16-bit end to end: the device code has the bf16 and fp16
+   instantiations of the feature and gradient kernels, and the library calls ATen's `mm.dtype_out`
+   (the GEMM of 16-bit operands with fp32 output; csrc/cuda calls it only with 16-bit operands).
 
 Nothing runs on a GPU. The full build log is <venv>/ncrl-cuda-build.log; the build objects stay in
 build/ so a second run only recompiles what changed. Exits non-zero saying what failed.
@@ -162,6 +165,32 @@ def check_device_code(library, env):
     return [" ".join(code) for code in found], sorted(kernels)
 
 
+# Mangled-name fragments of the 16-bit kernel instantiations (Itanium ABI: c10::BFloat16, c10::Half;
+# the gradient kernel's second argument is its fp32 accumulation type, `f`).
+SIXTEEN_BIT_KERNELS = {
+    "build_features_kernel<c10::BFloat16>": "build_features_kernelIN3c108BFloat16EE",
+    "build_features_kernel<c10::Half>": "build_features_kernelIN3c104HalfEE",
+    "reduce_feature_grads_kernel<c10::BFloat16, float>": "reduce_feature_grads_kernelIN3c108BFloat16EfE",
+    "reduce_feature_grads_kernel<c10::Half, float>": "reduce_feature_grads_kernelIN3c104HalfEfE",
+}
+SIXTEEN_BIT_GEMM = "at::_ops::mm_dtype_out::call("
+
+
+def check_sixteen_bit_path(library, env):
+    """The 16-bit instantiations of the head kernels in the device code, and the 16-bit-operand,
+    fp32-output GEMM among the library's imports (nm -D, demangled)."""
+    symbols = cuobjdump_output(find_cuobjdump(env), "--dump-elf-symbols", library)
+    absent = [name for name, mangled in SIXTEEN_BIT_KERNELS.items() if mangled not in symbols]
+    if absent:
+        fail(f"16-bit kernel instantiations missing from the device code: {absent}")
+    result = subprocess.run(["nm", "-DC", "--undefined-only", library], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"nm -DC {library} failed: {result.stderr.strip()}")
+    if SIXTEEN_BIT_GEMM not in result.stdout:
+        fail(f"{library} does not call ATen's 16-bit GEMM with fp32 output ({SIXTEEN_BIT_GEMM}...)")
+    return sorted(SIXTEEN_BIT_KERNELS) + ["at::mm(out_dtype=float32)"]
+
+
 def main():
     import torch
 
@@ -171,9 +200,11 @@ def main():
     wheel = build_wheel(env)
     seen = installed_extension(wheel)
     code, kernels = check_device_code(seen["library"], env)
+    sixteen_bit = check_sixteen_bit_path(seen["library"], env)
     print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
           f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
-          f"kernels: {', '.join(kernels)}. Compiled and linked only: no kernel was run.")
+          f"kernels: {', '.join(kernels)}; 16-bit path: {', '.join(sixteen_bit)}. "
+          "Compiled and linked only: no kernel was run.")
 
 
 if __name__ == "__main__":

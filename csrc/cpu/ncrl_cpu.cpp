@@ -208,6 +208,9 @@ void loss_row_range(const at::Tensor& logits, LossBatch& loss, int64_t first, in
 
 // The CPU kernels of DeviceOps (device_ops.h).
 struct CpuKernels {
+  // BLAS GEMMs of the compute type: fp16/bf16 inputs are read as fp32.
+  static at::ScalarType operand_type(at::ScalarType input) { return compute_type(input); }
+
   static void head_forward(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits,
                            LossBatch* loss) {
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "head_forward_cpu", [&] {

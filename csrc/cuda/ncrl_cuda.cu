@@ -1,31 +1,41 @@
 // CUDA kernels: the group-bilinear head (forward, backward) and the losses, tiled over entity pairs
 // so that memory stays bounded whatever N is. The [N, E*B] Kronecker feature is only ever built one
-// [pairs-tile, B*B] group slice at a time, in one workspace, and the contractions of a tile run on
-// cuBLAS through ATen (addmm / mm on slices). The math is the CPU kernels' (csrc/cpu), and the
+// [pairs-tile, groups-chunk * B*B] slice at a time, in one workspace, and the contractions of a tile
+// run on cuBLAS through ATen (mm / addmm on slices). The math is the CPU kernels' (csrc/cpu), and the
 // per-element pieces are the same source: features.h for the symmetric feature and its gradient,
 // loss_rows.h for the loss rows.
 //
-// Per pair tile and group g (W_g = weight[:, g*B*B : (g+1)*B*B], a [C, B*B] slice):
-//   forward        features = build(hs, ts); logits_tile += features @ W_g^T
-//   d hs, d ts     dX = grad_tile @ W_g; reduce dX against ts / hs per pair (one block per pair)
-//   d weight       features = build(hs, ts); dW_g += grad_tile^T @ features
+// Per pair tile and chunk of consecutive groups (W_c = weight[:, g0*B*B : (g0+gs)*B*B], [C, gs*B*B]):
+//   forward        features = build(hs, ts); logits_tile += features @ W_c^T
+//   d hs, d ts     dX = grad_tile @ W_c; reduce dX against ts / hs per (pair, group) block
+//   d weight       features = build(hs, ts); dW_c += grad_tile^T @ features
 // then one thread per pair runs the loss row of the finished logits.
 //
-// Memory: one workspace of tile * B*B compute-type values, with the tile chosen so that it holds
-// at most kWorkspaceBytes (32 MiB: 2048 pairs for B = 64 in fp32), whatever N is. The backward
-// reuses it for dX and then for the features (stream order makes that safe).
+// Operand types: fp16/bf16 inputs stay 16-bit: the features are built in the input's type (products
+// in fp32, rounded once, as eager autocast does) and every GEMM takes 16-bit operands on the tensor
+// cores with fp32 accumulation and fp32 output (logits, dX, dW); fp32 and fp64 inputs run GEMMs of
+// their own type. No copy of the weight in another type is made. The fp32 GEMMs follow PyTorch's fp32
+// matmul precision exactly as an eager matmul does (ATen's cuBLAS call reads it; this file reads no
+// flag): TF32 where PyTorch allows it, IEEE fp32 otherwise.
+//
+// Memory: one workspace of kWorkspaceBytes (32 MiB) whatever N is, holding the features (forward,
+// operand type), or in the backward dX (compute type) and then the rebuilt features, which stream
+// order makes safe. Tile plan: as many pairs as fit (at most N), then as many groups per chunk as
+// still fit, so that small batches need few launches (N = 1024 pairs, B = 64, bf16: 3 chunks).
 //
 // Determinism: every output element is written by one thread or by one cuBLAS call, in a fixed
 // order (tiles in sequence on one stream, fixed-order warp reductions); no atomics. cuBLAS gives
 // bitwise-identical results run to run on one stream and one GPU model.
 //
 // Everything runs on the current stream of the inputs' device and never synchronises it.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../device_ops.h"
 #include "../features.h"
@@ -33,14 +43,22 @@
 namespace ncrl {
 namespace {
 
-// Upper bound of the feature workspace of one call; large enough that a tile (2048 pairs for
-// B = 64 in fp32) gives cuBLAS GEMMs that fill the GPU.
+// Upper bound of the feature workspace of one call: large enough for GEMMs that fill the GPU (4096
+// pairs x one group of B = 64 in bf16), small enough to stay near L2-resident between a build and
+// its GEMM.
 constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
 
-// Pairs per tile: as many as fit in the workspace (at least one), at most N.
-int64_t pair_tile(const HeadSizes& s, int64_t value_bytes) {
-  const int64_t fit = kWorkspaceBytes / (s.features() * value_bytes);
-  return std::min(s.n, std::max<int64_t>(fit, 1));
+// Pair rows and consecutive groups per workspace slice.
+struct TilePlan {
+  int64_t rows, groups;
+};
+
+// The largest pair tile that fits the workspace with one group (at least one pair, at most N), then
+// as many groups per chunk as still fit, for features of `value_bytes` bytes each.
+TilePlan tile_plan(const HeadSizes& s, int64_t value_bytes) {
+  const int64_t row_groups = std::max<int64_t>(kWorkspaceBytes / (s.features() * value_bytes), 1);
+  const int64_t rows = std::min(s.n, row_groups);
+  return {rows, std::clamp<int64_t>(row_groups / std::max<int64_t>(rows, 1), 1, s.groups)};
 }
 
 constexpr int kWarp = 32;
@@ -53,56 +71,59 @@ unsigned int elementwise_blocks(int64_t work) {
   return static_cast<unsigned int>(std::min((work + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// out[r, i*B + j] = feature of pair r at (i, j) for `rows` pairs of one group: hs_i * ts_j, or
-// max(hs_i ts_j, hs_j ts_i) when symmetric. h and t point at the group's first column of the first
-// pair; ld is their row stride (E).
+// out[r, g*B*B + i*B + j] = feature of pair r in group g of the chunk at (i, j): hs_i * ts_j, or
+// max(hs_i ts_j, hs_j ts_i) when symmetric; the products in the accumulation type (fp32 for
+// 16-bit inputs), rounded once to T. h and t point at the chunk's first column of the first pair;
+// ld is their row stride (E).
 template <typename T>
 __global__ void build_features_kernel(const T* __restrict__ h, const T* __restrict__ t, int64_t ld, int64_t rows,
-                                      int64_t B, bool symmetric, T* __restrict__ out) {
-  const int64_t BB = B * B, total = rows * BB;
+                                      int64_t groups, int64_t B, bool symmetric, T* __restrict__ out) {
+  using A = at::opmath_type<T>;
+  const int64_t BB = B * B, row_len = groups * BB, total = rows * row_len;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = k / BB, i = (k % BB) / B, j = k % B;
-    const T* hr = h + r * ld;
-    const T* tr = t + r * ld;
-    const T a_ij = hr[i] * tr[j];
-    out[k] = symmetric ? symmetric_feature(a_ij, hr[j] * tr[i]) : a_ij;
+    const int64_t r = k / row_len, f = k % row_len, i = (f % BB) / B, j = k % B;
+    const T* hr = h + r * ld + (f / BB) * B;
+    const T* tr = t + r * ld + (f / BB) * B;
+    const A a_ij = A(hr[i]) * A(tr[j]);
+    out[k] = static_cast<T>(symmetric ? symmetric_feature(a_ij, A(hr[j]) * A(tr[i])) : a_ij);
   }
 }
 
-// Q_ij = d loss / d (hs_i ts_j) of one pair, from its dX = d loss / d features ([B, B]).
-template <typename T>
-__device__ inline T product_grad(const T* dx, const T* h, const T* t, int64_t B, int64_t i, int64_t j,
+// Q_ij = d loss / d (hs_i ts_j) of one pair and group, from its dX = d loss / d features ([B, B]).
+template <typename T, typename A>
+__device__ inline A product_grad(const A* dx, const T* h, const T* t, int64_t B, int64_t i, int64_t j,
                                  bool symmetric) {
-  return symmetric ? symmetric_product_grad(h[i] * t[j], h[j] * t[i], dx[i * B + j] + dx[j * B + i])
+  return symmetric ? symmetric_product_grad(A(h[i]) * A(t[j]), A(h[j]) * A(t[i]), dx[i * B + j] + dx[j * B + i])
                    : dx[i * B + j];
 }
 
-// One block per pair of the tile, for one group:
+// One block per (pair, group) of the tile: block b is pair b / groups, group b % groups, whose dX is
+// the b-th [B, B] block of the workspace ([rows, groups * B*B] row-major). In the accumulation type A:
 //   dt_j = sum_i Q_ij hs_i   one thread per column j, so a warp reads consecutive dX entries
 //   dh_i = sum_j Q_ij ts_j   one warp per row i, lanes over j, then a fixed-order shuffle reduction
-// dX holds the tile's pairs in consecutive [B, B] blocks; h, t, dh, dt point at the group's first
-// column of the tile's first pair, with row stride ld. blockDim.x is a multiple of the warp size.
-template <typename T>
-__global__ void reduce_feature_grads_kernel(const T* __restrict__ dx, const T* __restrict__ h,
-                                            const T* __restrict__ t, int64_t ld, int64_t B, bool symmetric,
-                                            T* __restrict__ dh, T* __restrict__ dt) {
-  const int64_t r = blockIdx.x;
-  dx += r * B * B;
-  h += r * ld;
-  t += r * ld;
-  dh += r * ld;
-  dt += r * ld;
+// h, t, dh, dt point at the chunk's first column of the tile's first pair, with row stride ld.
+// blockDim.x is a multiple of the warp size.
+template <typename T, typename A>
+__global__ void reduce_feature_grads_kernel(const A* __restrict__ dx, const T* __restrict__ h,
+                                            const T* __restrict__ t, int64_t ld, int64_t groups, int64_t B,
+                                            bool symmetric, T* __restrict__ dh, T* __restrict__ dt) {
+  const int64_t col = (blockIdx.x / groups) * ld + (blockIdx.x % groups) * B;
+  dx += int64_t(blockIdx.x) * B * B;
+  h += col;
+  t += col;
+  dh += col;
+  dt += col;
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
-    T acc = T(0);
-    for (int64_t i = 0; i < B; ++i) acc += product_grad(dx, h, t, B, i, j, symmetric) * h[i];
-    dt[j] = acc;
+    A acc = A(0);
+    for (int64_t i = 0; i < B; ++i) acc += product_grad(dx, h, t, B, i, j, symmetric) * A(h[i]);
+    dt[j] = static_cast<T>(acc);
   }
   const int lane = threadIdx.x % kWarp;
   for (int64_t i = threadIdx.x / kWarp; i < B; i += blockDim.x / kWarp) {
-    T acc = T(0);
-    for (int64_t j = lane; j < B; j += kWarp) acc += product_grad(dx, h, t, B, i, j, symmetric) * t[j];
+    A acc = A(0);
+    for (int64_t j = lane; j < B; j += kWarp) acc += product_grad(dx, h, t, B, i, j, symmetric) * A(t[j]);
     for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-    if (lane == 0) dh[i] = acc;
+    if (lane == 0) dh[i] = static_cast<T>(acc);
   }
 }
 
@@ -116,39 +137,81 @@ __global__ void loss_rows_kernel(LossParams params, const T* __restrict__ logits
 }
 
 template <typename T>
-void build_features(const T* h, const T* t, const HeadSizes& s, int64_t rows, bool symmetric, T* out) {
-  const int64_t work = rows * s.features();
+void build_features(const T* h, const T* t, const HeadSizes& s, int64_t rows, int64_t groups, bool symmetric,
+                    T* out) {
+  const int64_t work = rows * groups * s.features();
   if (work == 0) return;
   build_features_kernel<T><<<elementwise_blocks(work), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      h, t, s.emb, rows, s.block, symmetric, out);
+      h, t, s.emb, rows, groups, s.block, symmetric, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void reduce_feature_grads(const T* dx, const T* h, const T* t, const HeadSizes& s, int64_t rows, bool symmetric,
-                          T* dh, T* dt) {
+template <typename T, typename A>
+void reduce_feature_grads(const A* dx, const T* h, const T* t, const HeadSizes& s, int64_t rows, int64_t groups,
+                          bool symmetric, T* dh, T* dt) {
   if (rows == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (s.block + kWarp - 1) / kWarp * kWarp));
-  // rows <= the pair tile, far below the 2^31 - 1 limit of gridDim.x.
-  reduce_feature_grads_kernel<T><<<static_cast<unsigned int>(rows), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      dx, h, t, s.emb, s.block, symmetric, dh, dt);
+  // rows * groups fits the workspace (<= 2^23 blocks for B >= 1), far below gridDim.x's limit.
+  reduce_feature_grads_kernel<T, A>
+      <<<static_cast<unsigned int>(rows * groups), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          dx, h, t, s.emb, groups, s.block, symmetric, dh, dt);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out = a @ b on cuBLAS, out in the compute type. 16-bit a and b: one GEMM on the tensor cores with
+// fp32 accumulation written as fp32 (ATen's mm with out_dtype), never rounded to 16 bits.
+// `out` is a handle (by value): the GEMM writes into the memory it views.
+void matmul_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
+// out += a @ b. Operands of out's type: one GEMM with beta = 1. 16-bit operands: ATen's 16-bit GEMM
+// with fp32 output has no beta = 1 form, so the product goes to `partial` (contiguous, out's type,
+// at least out.numel() values) and is added: one small extra launch, and the sum stays fp32.
+void matmul_add(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& partial) {
+  if (a.scalar_type() == out.scalar_type()) {
+    out.addmm_(a, b);
+    return;
+  }
+  const at::Tensor product = partial.narrow(0, 0, out.numel()).view(out.sizes());
+  matmul_out(product, a, b);
+  out.add_(product);
+}
+
+// matmul_add's buffer for `numel` values of `options`' type: empty when the operands are of that type.
+template <typename T>
+at::Tensor partial_buffer(int64_t numel, const at::TensorOptions& options) {
+  return at::empty({std::is_same_v<T, at::opmath_type<T>> ? 0 : numel}, options);
+}
+
+// x [N, C] as a [N, C] view of a zero-padded [N, C'] tensor of `dtype`, C' a multiple of 8: rows
+// that start on 16-byte boundaries, which cuBLAS' vectorised tensor-core kernels need.
+at::Tensor aligned_rows(const at::Tensor& x, at::ScalarType dtype) {
+  const int64_t padded = (x.size(1) + 7) / 8 * 8;
+  return at::zeros({x.size(0), padded}, x.options().dtype(dtype)).narrow(1, 0, x.size(1)).copy_(x);
 }
 
 template <typename T>
 void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits) {
-  const int64_t tile = pair_tile(s, sizeof(T)), BB = s.features();
+  const TilePlan plan = tile_plan(s, sizeof(T));
+  const int64_t BB = s.features();
   const T* h = in.hs.data_ptr<T>();
   const T* t = in.ts.data_ptr<T>();
-  at::Tensor features = at::empty({tile, BB}, logits.options());
-  for (int64_t r0 = 0; r0 < s.n; r0 += tile) {
-    const int64_t rows = std::min(tile, s.n - r0);
-    at::Tensor out = logits.narrow(0, r0, rows);
-    at::Tensor x = features.narrow(0, 0, rows);
-    for (int64_t g = 0; g < s.groups; ++g) {
-      const int64_t col = r0 * s.emb + g * s.block;
-      build_features(h + col, t + col, s, rows, symmetric, features.data_ptr<T>());
-      out.addmm_(x, in.weight.narrow(1, g * BB, BB).t());
+  const at::Tensor features = at::empty({plan.rows * plan.groups * BB}, in.hs.options());
+  const at::Tensor partial = partial_buffer<T>(plan.rows * s.classes, logits.options());
+  for (int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
+    const int64_t rows = std::min(plan.rows, s.n - r0);
+    const at::Tensor out = logits.narrow(0, r0, rows);
+    for (int64_t g0 = 0; g0 < s.groups; g0 += plan.groups) {
+      const int64_t groups = std::min(plan.groups, s.groups - g0);
+      build_features(h + r0 * s.emb + g0 * s.block, t + r0 * s.emb + g0 * s.block, s, rows, groups, symmetric,
+                     features.data_ptr<T>());
+      matmul_add(out, features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}),
+                 in.weight.narrow(1, g0 * BB, groups * BB).t(), partial);
     }
   }
 }
@@ -156,25 +219,31 @@ void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric
 template <typename T>
 void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Tensor& grad, bool symmetric,
                          at::Tensor& dhs, at::Tensor& dts, at::Tensor& dweight) {
-  const int64_t tile = pair_tile(s, sizeof(T)), BB = s.features();
+  using A = at::opmath_type<T>;
+  // The workspace holds dX in A, then the rebuilt features in T (no wider than A) over the same bytes.
+  const TilePlan plan = tile_plan(s, sizeof(A));
+  const int64_t BB = s.features();
   const T* h = in.hs.data_ptr<T>();
   const T* t = in.ts.data_ptr<T>();
-  at::Tensor workspace = at::empty({tile, BB}, grad.options());
-  for (int64_t r0 = 0; r0 < s.n; r0 += tile) {
-    const int64_t rows = std::min(tile, s.n - r0);
-    const at::Tensor grad_tile = grad.narrow(0, r0, rows);
-    at::Tensor ws = workspace.narrow(0, 0, rows);
-    for (int64_t g = 0; g < s.groups; ++g) {
-      const int64_t col = r0 * s.emb + g * s.block;
-      const at::Tensor w_g = in.weight.narrow(1, g * BB, BB);
+  const at::Tensor workspace = at::empty({plan.rows * plan.groups * BB}, grad.options());
+  const at::Tensor features = workspace.view(in.hs.scalar_type());
+  const at::Tensor grad_operand = aligned_rows(grad, in.hs.scalar_type());  // the GEMMs' operand type
+  const at::Tensor partial = partial_buffer<T>(s.classes * plan.groups * BB, grad.options());
+  for (int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
+    const int64_t rows = std::min(plan.rows, s.n - r0);
+    const at::Tensor grad_tile = grad_operand.narrow(0, r0, rows);
+    for (int64_t g0 = 0; g0 < s.groups; g0 += plan.groups) {
+      const int64_t groups = std::min(plan.groups, s.groups - g0), col = r0 * s.emb + g0 * s.block;
+      const at::Tensor w_chunk = in.weight.narrow(1, g0 * BB, groups * BB);
       if (dhs.defined()) {
-        at::mm_out(ws, grad_tile, w_g);  // dX of the tile
-        reduce_feature_grads(workspace.data_ptr<T>(), h + col, t + col, s, rows, symmetric, dhs.data_ptr<T>() + col,
-                             dts.data_ptr<T>() + col);
+        matmul_out(workspace.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), grad_tile, w_chunk);
+        reduce_feature_grads(workspace.data_ptr<A>(), h + col, t + col, s, rows, groups, symmetric,
+                             dhs.data_ptr<T>() + col, dts.data_ptr<T>() + col);
       }
       if (dweight.defined()) {
-        build_features(h + col, t + col, s, rows, symmetric, workspace.data_ptr<T>());
-        dweight.narrow(1, g * BB, BB).addmm_(grad_tile.t(), ws);
+        build_features(h + col, t + col, s, rows, groups, symmetric, features.data_ptr<T>());
+        matmul_add(dweight.narrow(1, g0 * BB, groups * BB), grad_tile.t(),
+                   features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), partial);
       }
     }
   }
@@ -182,10 +251,13 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
 
 // The CUDA kernels of DeviceOps (device_ops.h).
 struct CudaKernels {
+  // fp16/bf16 inputs stay 16-bit for the tensor-core GEMMs; fp32 and fp64 are their own compute type.
+  static at::ScalarType operand_type(at::ScalarType input) { return input; }
+
   static void head_forward(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits,
                            LossBatch* loss) {
     const c10::cuda::CUDAGuard device_guard(logits.device());
-    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "head_forward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hs.scalar_type(), "head_forward_cuda", [&] {
       head_forward_tiles<scalar_t>(s, in, symmetric, logits);
     });
     // The loss rows of all pairs in one launch: one thread per pair needs more pairs than a tile
@@ -196,7 +268,7 @@ struct CudaKernels {
   static void head_backward(const HeadSizes& s, const HeadInputs& in, const at::Tensor& grad, bool symmetric,
                             at::Tensor& dhs, at::Tensor& dts, at::Tensor& dweight) {
     const c10::cuda::CUDAGuard device_guard(grad.device());
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "head_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hs.scalar_type(), "head_backward_cuda", [&] {
       head_backward_tiles<scalar_t>(s, in, grad, symmetric, dhs, dts, dweight);
     });
   }
