@@ -58,7 +58,8 @@ struct TilePlan {
 TilePlan tile_plan(const HeadSizes& s, int64_t value_bytes) {
   const int64_t row_groups = std::max<int64_t>(kWorkspaceBytes / (s.features() * value_bytes), 1);
   const int64_t rows = std::min(s.n, row_groups);
-  return {rows, std::clamp<int64_t>(row_groups / std::max<int64_t>(rows, 1), 1, s.groups)};
+  // (max(groups, 1): E = 0 passes the checks and has no groups, and clamp needs lo <= hi.)
+  return {rows, std::clamp<int64_t>(row_groups / std::max<int64_t>(rows, 1), 1, std::max<int64_t>(s.groups, 1))};
 }
 
 constexpr int kWarp = 32;
@@ -158,31 +159,27 @@ void reduce_feature_grads(const A* dx, const T* h, const T* t, const HeadSizes& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// out = a @ b on cuBLAS, out in the compute type. 16-bit a and b: one GEMM on the tensor cores with
-// fp32 accumulation written as fp32 (ATen's mm with out_dtype), never rounded to 16 bits.
-// `out` is a handle (by value): the GEMM writes into the memory it views.
-void matmul_out(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+// out = a @ b, or out += a @ b when `accumulate`, on cuBLAS; out is in the compute type and may be
+// a strided view (a column range of dweight). 16-bit a and b: a GEMM on the tensor cores with fp32
+// accumulation written as fp32 (ATen's mm with out_dtype), never rounded to 16 bits; it has no
+// beta = 1 form, so accumulating writes to `partial` (contiguous, fp32, at least out.numel() values)
+// and adds that in: one small extra launch, and the sum stays fp32. Operands of out's type: one
+// addmm_ (beta = 0 or 1), which writes strided views in place.
+void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                 const at::Tensor& partial) {
   if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
+    out.addmm_(a, b, /*beta=*/accumulate ? 1 : 0);
+  } else if (!accumulate) {
+    at::Tensor target = out;  // at::mm_out takes a non-const handle; it writes out's memory
+    at::mm_out(target, a, b, out.scalar_type());
   } else {
-    at::mm_out(out, a, b, out.scalar_type());
+    at::Tensor product = partial.narrow(0, 0, out.numel()).view(out.sizes());
+    at::mm_out(product, a, b, out.scalar_type());
+    out.add_(product);
   }
 }
 
-// out += a @ b. Operands of out's type: one GEMM with beta = 1. 16-bit operands: ATen's 16-bit GEMM
-// with fp32 output has no beta = 1 form, so the product goes to `partial` (contiguous, out's type,
-// at least out.numel() values) and is added: one small extra launch, and the sum stays fp32.
-void matmul_add(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& partial) {
-  if (a.scalar_type() == out.scalar_type()) {
-    out.addmm_(a, b);
-    return;
-  }
-  const at::Tensor product = partial.narrow(0, 0, out.numel()).view(out.sizes());
-  matmul_out(product, a, b);
-  out.add_(product);
-}
-
-// matmul_add's buffer for `numel` values of `options`' type: empty when the operands are of that type.
+// matmul_into's buffer for `numel` values of `options`' type: empty when T is its own compute type.
 template <typename T>
 at::Tensor partial_buffer(int64_t numel, const at::TensorOptions& options) {
   return at::empty({std::is_same_v<T, at::opmath_type<T>> ? 0 : numel}, options);
@@ -210,8 +207,9 @@ void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric
       const int64_t groups = std::min(plan.groups, s.groups - g0);
       build_features(h + r0 * s.emb + g0 * s.block, t + r0 * s.emb + g0 * s.block, s, rows, groups, symmetric,
                      features.data_ptr<T>());
-      matmul_add(out, features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}),
-                 in.weight.narrow(1, g0 * BB, groups * BB).t(), partial);
+      // The logits hold the bias: always accumulate.
+      matmul_into(out, features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}),
+                  in.weight.narrow(1, g0 * BB, groups * BB).t(), /*accumulate=*/true, partial);
     }
   }
 }
@@ -228,7 +226,9 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
   const at::Tensor workspace = at::empty({plan.rows * plan.groups * BB}, grad.options());
   const at::Tensor features = workspace.view(in.hs.scalar_type());
   const at::Tensor grad_operand = aligned_rows(grad, in.hs.scalar_type());  // the GEMMs' operand type
-  const at::Tensor partial = partial_buffer<T>(s.classes * plan.groups * BB, grad.options());
+  // The first pair tile writes dweight (zeros until then), later tiles add to it; there are later
+  // tiles only when one group fills the workspace (plan.groups == 1), so [C, B*B] values suffice.
+  const at::Tensor partial = partial_buffer<T>(s.n > plan.rows ? s.classes * BB : 0, grad.options());
   for (int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
     const int64_t rows = std::min(plan.rows, s.n - r0);
     const at::Tensor grad_tile = grad_operand.narrow(0, r0, rows);
@@ -236,14 +236,16 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
       const int64_t groups = std::min(plan.groups, s.groups - g0), col = r0 * s.emb + g0 * s.block;
       const at::Tensor w_chunk = in.weight.narrow(1, g0 * BB, groups * BB);
       if (dhs.defined()) {
-        matmul_out(workspace.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), grad_tile, w_chunk);
+        matmul_into(workspace.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), grad_tile, w_chunk,
+                    /*accumulate=*/false, partial);
         reduce_feature_grads(workspace.data_ptr<A>(), h + col, t + col, s, rows, groups, symmetric,
                              dhs.data_ptr<T>() + col, dts.data_ptr<T>() + col);
       }
       if (dweight.defined()) {
         build_features(h + col, t + col, s, rows, groups, symmetric, features.data_ptr<T>());
-        matmul_add(dweight.narrow(1, g0 * BB, groups * BB), grad_tile.t(),
-                   features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), partial);
+        matmul_into(dweight.narrow(1, g0 * BB, groups * BB), grad_tile.t(),
+                    features.narrow(0, 0, rows * groups * BB).view({rows, groups * BB}), /*accumulate=*/r0 > 0,
+                    partial);
       }
     }
   }
