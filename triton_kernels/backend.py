@@ -31,8 +31,8 @@ from torch import Tensor
 from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
-from ._common import LOSS_CODES, padded, precision_for
-from .head_backward import launch_head_backward
+from ._common import LOSS_CODES, precision_for
+from .head_backward import backward_operands, launch_head_backward
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue
 
@@ -77,15 +77,12 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad)
-    n, classes = grad_logits.shape
-    # The kernels read grad zero-padded to the class tile, in the operands' dtype (see head_backward.py).
-    grad = grad_logits.new_zeros((n, padded(classes)), dtype=weight.dtype)
-    grad[:, :classes] = grad_logits
+    operands = backward_operands(grad_logits, weight, input_grad=input_grad, weight_grad=weight_grad)
     if weight_grad:
         dbias = grad_logits.sum(0)
     with _on_device(hs):
         launch_head_backward(
-            grad, hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision,
+            operands, hs, ts, classes=weight.shape[0], block_size=block_size, symmetric=symmetric, precision=precision,
             dhs=dhs if input_grad else None, dts=dts if input_grad else None, dweight=dweight if weight_grad else None,
         )
     return dhs, dts, dweight, dbias

@@ -9,16 +9,19 @@ Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligne
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
 and config it reports registers and spill stack per thread (cuobjdump), shared memory, the
 tensor-core instruction the dots became (wgmma on sm_90, mma.sync on sm_80, or FMA) and the
-asynchronous copies (cp.async) that pipeline the loads. It fails (exit status 1) when a variant
-does not compile, when a config needs more shared memory than the target has, when a matmul
-kernel's default config pipelines no load, and, on sm_90 (the tuned target) for bf16/fp16/TF32,
-when a default config's dots are not wgmma or the plain head's default config spills. Spills
+asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
+variant does not compile, when a config needs more shared memory than the target has, when a
+matmul kernel's default config pipelines no load, on sm_90 (the tuned target) when a default
+config has no 16-byte copy (its dot operands are being transposed on the way in; see
+head_backward.py), and, on sm_90 for bf16/fp16/TF32, when a default config's dots are not wgmma
+or the plain head's default config spills. Spills
 are reported, not failed, for the symmetric head (it holds two more [BLOCK_N, B] tiles and sits
 at the register limit: a few dozen bytes spill or not depending on the Triton version), for
 3xTF32 (its three operand splits do not fit in registers at any tile tried), fp64 (tests only)
 and sm_80 (not tuned: the symmetric forward spills there at every tile tried).
 """
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -53,6 +56,7 @@ def variants(dtype, emb, block, classes, all_configs):
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
     shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
                  COMPUTE_FP64=dtype == "fp64")
+    backward = dict(K_MAJOR=ptr == "*fp32")  # head_backward.k_major
     kind = kind_of(dtype)
 
     def tiles(table):
@@ -65,9 +69,10 @@ def variants(dtype, emb, block, classes, all_configs):
         out.append((f"forward sym={symmetric}", head_forward.head_forward_kernel,
                     dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), common, tiles(head_forward.FORWARD_TILES)))
         out.append((f"weight grad sym={symmetric}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), common, tiles(head_backward.WEIGHT_GRAD_TILES)))
+                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), dict(common, **backward),
+                    tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad sym={symmetric}", head_backward.input_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), common,
+                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), dict(common, **backward),
                     tiles(head_backward.INPUT_GRAD_TILES)))
     epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS)
     pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr, row_loss=loss_ptr)
@@ -88,8 +93,10 @@ def compile_variant(kernel, pointers, constexprs, num_warps, num_stages, target)
         if name in pointers and pointers[name] is None:
             constants[name] = None
         signature[name] = "constexpr" if name in constants else pointers.get(name, "i32")
-        if signature[name].startswith("*"):
-            attrs[(index,)] = [["tt.divisibility", 16]]  # as a launch with PyTorch tensors specialises
+        # As a launch specialises: PyTorch's allocations are 16-byte aligned, and row strides are
+        # padded to multiples of 16 elements (head_backward.backward_operands).
+        if signature[name].startswith("*") or name.endswith("_stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -107,7 +114,7 @@ def resource_usage(cubin):
     return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
 
 
-def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies):
+def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes):
     """Why a compiled config fails the check (empty: it passes)."""
     found = []
     if shared > SHARED_MEMORY.get(arch, SHARED_MEMORY[80]):
@@ -118,6 +125,10 @@ def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies
                 found.append(f"default config spills {stack} B per thread")
             if unit != "wgmma":
                 found.append(f"dots compiled to {unit}, not wgmma")
+        if arch == 90 and dtype != "fp64" and copy_sizes and 16 not in copy_sizes:
+            # The big tiles a kernel pipelines are its dots' memory operands; with no 16-byte copy
+            # at all, Triton is transposing them on the way in (see head_backward.py, K_MAJOR).
+            found.append("no 16-byte cp.async: a dot operand is not in the layout its dot reads")
         if async_copies == 0:
             found.append("no pipelined (cp.async) load")
     return found
@@ -159,12 +170,15 @@ def main(argv=None):
                     ptx = compiled.asm["ptx"]
                     unit = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
                     async_copies = len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx))
+                    copy_sizes = collections.Counter(int(size, 16) for size in re.findall(
+                        r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*0x([0-9a-f]+)\s*[,;]", ptx))
                     regs, stack = resource_usage(compiled.asm["cubin"])
                     shared = compiled.metadata.shared
-                    found = problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies)
+                    found = problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes)
                     failures += bool(found)
                     print(f"{'FAIL' if found else 'ok  '} {label} regs={regs:3d} stack={stack:4d} "
                           f"smem={shared // 1024:3d}K {unit:5s} cp.async={async_copies:3d} "
+                          f"({' '.join(f'{n}x{size}B' for size, n in sorted(copy_sizes.items(), reverse=True)):18s}) "
                           f"{time.time() - start:4.1f}s {'; '.join(found)}", flush=True)
     print(f"{failures} failed  (* = default config)")
     return 1 if failures else 0

@@ -2,9 +2,17 @@
 feature tile by tile (never the [N, E*B] feature or its gradient). Both kernels are
 deterministic (every output element is written by one program, in a fixed order, no atomics).
 
-The caller passes grad as a zero-padded ``[N, BLOCK_C]`` tensor in the operands' dtype (bf16
-under bf16 autocast, as the eager head's backward gets it): its rows are then 16-byte aligned and
-every load is unmasked along the classes.
+The caller passes grad zero-padded to the class tile in the operands' dtype (bf16 under bf16
+autocast, as the eager head's backward gets it), so its rows are 16-byte aligned and every load is
+unmasked along the classes; ``backward_operands`` prepares it. For fp32 operands (TF32, 3xTF32)
+the operands the dots read from memory come K-major: grad transposed (``[BLOCK_C, N']``, pairs
+contiguous) for the d weight dot, and a transposed, class-padded weight (``[E*B, BLOCK_C]``) for the
+d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory operands only K-major; given the natural
+(MN-major) layouts, Triton transposes them on the way in with 4-byte copies instead of 16-byte
+ones (compile_check reports the copy sizes). 16-bit wgmma transposes for free, so 16-bit operands
+keep the natural layouts. The d weight kernel's tile of ts's (and hs's) group columns still
+arrives by 4-byte copies in fp32: the feature built from it needs the pairs innermost, the
+transpose of how they lie in memory, whatever layout the dot reads.
 
 - ``weight_grad_kernel``: one program per ROWS feature rows s0 .. s0 + ROWS - 1 of a group (the
   weight columns s*B + j of every class), looping over all pair tiles in order:
@@ -15,6 +23,8 @@ every load is unmasked along the classes.
   d hs and d ts.
 d bias is grad's column sum, done by the caller.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -46,10 +56,11 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, E: tl.constexpr, B: tl.constexpr, SYMME
 
 @triton.jit(do_not_specialize=["N"])
 def weight_grad_kernel(
-    grad, hs, ts, dweight, N,
+    grad, hs, ts, dweight, N, grad_stride,
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    K_MAJOR: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     s0 = tl.program_id(0) * ROWS
@@ -61,7 +72,13 @@ def weight_grad_kernel(
         n_ok = ns < N
         ns = ns.to(tl.int64)
         x = kron_rows_t(hs, ts, ns, n_ok, s0, g, E, B, SYMMETRIC, COMPUTE, BLOCK_J, ROWS)
-        grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
+        if K_MAJOR:
+            # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to a
+            # multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would split
+            # the copies into single elements.
+            grad_tile = tl.load(grad + cs[None, :] * grad_stride + ns[:, None])
+        else:  # grad is [N, BLOCK_C]
+            grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
         acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]).to(grad_tile.dtype), grad_tile, acc, PRECISION)
     k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
     at = cs.to(tl.int64)[None, :] * (E * B) + s0 * B + k_at[:, None]
@@ -84,6 +101,7 @@ def input_grad_kernel(
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    K_MAJOR: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     g = tl.program_id(1)
@@ -94,9 +112,16 @@ def input_grad_kernel(
     cs = tl.arange(0, BLOCK_C)
     grad_tile = tl.load(grad + rows[:, None] * BLOCK_C + cs[None, :], mask=row_ok[:, None], other=0.0)
     k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
-    # Weight slice of a step as a [BLOCK_C, ROWS*BLOCK_J] operand: weight[c, s0*B + k_at].
-    w_at = cs.to(tl.int64)[:, None] * (E * B) + k_at[None, :]
-    w_ok = (cs[:, None] < C) & k_ok[None, :]
+    # Weight slice of a step as a [BLOCK_C, ROWS*BLOCK_J] operand: weight[c, s0*B + k_at], read from
+    # the weight [C, E*B] or (K_MAJOR) its transposed copy [E*B, BLOCK_C], classes (the dot's K) contiguous.
+    if K_MAJOR:  # the copy is zero-padded to BLOCK_C classes: no class mask, which would split its copies
+        w_at = k_at.to(tl.int64)[None, :] * BLOCK_C + cs[:, None]
+        w_row = BLOCK_C  # distance between consecutive feature columns
+        w_ok = k_ok[None, :] & (cs[:, None] < BLOCK_C)
+    else:
+        w_at = cs.to(tl.int64)[:, None] * (E * B) + k_at[None, :]
+        w_row = 1
+        w_ok = (cs[:, None] < C) & k_ok[None, :]
     group_ok = row_ok[:, None] & (js[None, :] < B)
     at_group = rows[:, None] * E + g * B + js[None, :]
     # Held in the input dtype (half the registers of fp32 for bf16/fp16), widened where used.
@@ -116,7 +141,7 @@ def input_grad_kernel(
         h_next = rows_of(hs, rows, row_ok, ahead, E, ROWS)
         if SYMMETRIC:
             t_next = rows_of(ts, rows, row_ok, ahead, E, ROWS)
-        w = tl.load(weight + w_at + s0 * B, mask=w_ok, other=0.0)
+        w = tl.load(weight + w_at + s0 * B * w_row, mask=w_ok, other=0.0)
         # d[n, r, j] = d loss / d feature[n, (s0 + r)*B + j], the feature being hs_i * ts_j
         # (plain) or max(hs_i ts_j, hs_j ts_i) (symmetric), i = i0 + r.
         d = mma(grad_tile, w, tl.zeros([BLOCK_N, ROWS * BLOCK_J], dtype=COMPUTE), PRECISION)
@@ -157,21 +182,62 @@ INPUT_GRAD_TILES = {
 }
 
 
-def launch_head_backward(grad, hs, ts, weight, *, block_size, symmetric, precision, dhs=None, dts=None,
+# The K-major grad's pairs are zero-padded to a multiple of this, which every candidate BLOCK_N divides.
+PAIR_PADDING = 128
+
+
+def k_major(dtype):
+    """Whether the backward reads its memory operands K-major (see the module docstring): for fp32."""
+    return dtype == torch.float32
+
+
+class BackwardOperands(NamedTuple):
+    """What the backward kernels read besides hs and ts (see backward_operands)."""
+    grad: Optional[torch.Tensor]  # [N, BLOCK_C], for d input, and for d weight unless K-major
+    grad_t: Optional[torch.Tensor]  # [BLOCK_C, N'], for d weight when K-major
+    weight: torch.Tensor  # the weight [C, E*B], or for d input when K-major its copy [E*B, BLOCK_C]
+
+
+def backward_operands(grad_logits, weight, *, input_grad, weight_grad):
+    """The backward kernels' operands from d loss / d logits ``[N, C]``, zero-padded to the class
+    tile in the weight's dtype: grad ``[N, BLOCK_C]`` as it is; for fp32 (K-major) d weight reads
+    it transposed, ``[BLOCK_C, N']`` with N' = N rounded up to PAIR_PADDING (read unmasked), and
+    d input a transposed copy of the weight, ``[E*B, BLOCK_C]``. Only what the asked-for
+    gradients read is built."""
+    n, classes = grad_logits.shape
+    transposed = k_major(weight.dtype)
+    grad = grad_t = None
+    if input_grad or (weight_grad and not transposed):
+        grad = grad_logits.new_zeros((n, padded(classes)), dtype=weight.dtype)
+        grad[:, :classes] = grad_logits
+    if weight_grad and transposed:
+        grad_t = grad_logits.new_zeros((padded(classes), cdiv(n, PAIR_PADDING) * PAIR_PADDING), dtype=weight.dtype)
+        grad_t[:classes, :n] = grad_logits.t()
+    if input_grad and transposed:
+        weight_t = weight.new_zeros((weight.shape[1], padded(classes)))
+        weight_t[:, :classes] = weight.t()
+        weight = weight_t
+    return BackwardOperands(grad, grad_t, weight)
+
+
+def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, precision, dhs=None, dts=None,
                          dweight=None, weight_tiles=None, input_tiles=None):
-    """Fill dhs, dts (both or neither) and dweight from grad ``[N, padded(C)]`` (zero-padded, in
-    the operands' dtype). All tensors contiguous. `*_tiles` override the default configs."""
+    """Fill dhs, dts (both or neither) and dweight ``[C, E*B]`` from backward_operands' result
+    (all tensors contiguous). `*_tiles` override the default configs."""
     n, emb = hs.shape
-    classes = weight.shape[0]
     shapes = dict(
         E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
         COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
+        K_MAJOR=k_major(hs.dtype),
     )
     if dweight is not None:
         launch = (weight_tiles or pick_tiles(WEIGHT_GRAD_TILES, hs.dtype, precision)).launch_args(block_size)
-        wrap_triton(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, **shapes, **launch)
+        grad = operands.grad_t if shapes["K_MAJOR"] else operands.grad
+        assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad with backward_operands"
+        wrap_triton(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
+                                                                  **launch)
     if dhs is not None and n > 0:
         tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision)
         wrap_triton(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
-            grad, hs, ts, weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
+            operands.grad, hs, ts, operands.weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
         )
