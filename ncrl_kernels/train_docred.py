@@ -263,8 +263,9 @@ def _hub_unreachable_reason():
     A TCP probe of the hub's endpoint bounded by HUB_PROBE_TIMEOUT_S (name resolution included,
     which socket timeouts do not cover), so a machine without network fails fast instead of
     waiting through the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return "switched off (HF_HUB_OFFLINE)"
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(switch, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"switched off ({switch})"
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     reached = []
@@ -283,14 +284,15 @@ def _hub_unreachable_reason():
 def _from_pretrained(loader, name, flag, **kwargs):
     """loader.from_pretrained(name) from a local directory, the local cache, or the hub when it
     answers; a hub id that is nowhere here ends the run with a message saying what to do."""
-    offline_reason = "not needed" if os.path.isdir(name) else _hub_unreachable_reason()
+    local_directory = os.path.isdir(name)
+    hub_off = None if local_directory else _hub_unreachable_reason()
     try:
-        return loader.from_pretrained(name, local_files_only=offline_reason is not None, **kwargs)
+        return loader.from_pretrained(name, local_files_only=local_directory or hub_off is not None, **kwargs)
     except OSError as error:
-        if offline_reason is None or os.path.isdir(name):
+        if hub_off is None:
             raise SystemExit(f"{flag}: could not load {name!r}: {error}") from error
         raise SystemExit(
-            f"{flag}: {name!r} is not a local directory, the Hugging Face hub is {offline_reason} and it is not in "
+            f"{flag}: {name!r} is not a local directory, the Hugging Face hub is {hub_off} and it is not in "
             f"the local cache. Download it where there is network (e.g. `huggingface-cli download {name} "
             f"--local-dir DIR`) and pass {flag} DIR.") from error
 

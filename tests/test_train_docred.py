@@ -187,6 +187,7 @@ def test_hub_id_without_network_fails_fast_with_a_clear_message(workdir, monkeyp
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
     monkeypatch.chdir(workdir)
     assert "did not answer" in train_docred._hub_unreachable_reason()
