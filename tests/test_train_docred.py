@@ -136,6 +136,13 @@ def test_load_path_alone_evaluates_the_best_checkpoint_and_writes_result_json(wo
     assert {name: loaded[name] for name in METRICS} == {name: best[name] for name in METRICS}
     assert json.loads((workdir / "result.json").read_text()) == result_at_best
 
+    # The same checkpoint as ATLOP saved it under transformers < 4.31 (with the position_ids buffer).
+    old_style = torch.load(workdir / "best.pt", weights_only=True)
+    old_style["model.embeddings.position_ids"] = torch.arange(512)[None]
+    torch.save(old_style, workdir / "old_style.pt")
+    (loaded_old,) = run([*argv[:-1], "old_style.pt"], capsys)
+    assert {name: loaded_old[name] for name in METRICS} == {name: best[name] for name in METRICS}
+
 
 def test_same_seed_same_run_in_a_fresh_process(workdir, bf16_run):
     """Deterministic with --seed: `python -m ncrl_kernels.train_docred` with the same flags gives
@@ -168,6 +175,9 @@ def test_distant_data_first_then_annotated_with_ign_f1_against_annotated_facts(w
     assert ign_train_titles == [annotated, annotated]
 
 
+# The GradScaler skips the first optimiser step(s) while it lowers its scale from 2**16 (inf
+# gradients in fp16), and the schedule steps on: PyTorch warns about that, expected here.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_fp16_autocast_with_grad_scaler(capsys):
     lines = run([*TINY_DEMO, "--num_train_epochs", "1", "--amp", "fp16", "--preset", "ncrl-docred"], capsys)
     assert len(lines) == 1 and lines[0]["train_loss"] > 0 and 0 <= lines[0]["dev_f1"] <= 1
