@@ -45,8 +45,8 @@ from . import docred
 from .atlop import PRESETS, DocREModel
 from .metrics import ncre
 
-# ATLOP's train.py defaults of the flags whose default also depends on the preset or the demo (the
-# parser leaves these None so that what was given explicitly can be told apart).
+# ATLOP's train.py defaults of the flags the parser leaves None: the data flags (so that a run
+# without any can be told apart: the offline demo) and those the demo may set instead.
 ATLOP_DEFAULTS = {
     "data_dir": "./dataset/docred",
     "model_name_or_path": "bert-base-cased",
