@@ -19,7 +19,31 @@ from .modules import GroupBilinearLoss
 # BERT/RoBERTa see at most 512 positions; ATLOP encodes longer documents in two overlapping windows.
 WINDOW = 512
 
-__all__ = ["DocREModel", "process_long_input", "use_eager_attention"]
+__all__ = ["DocREModel", "PRESETS", "process_long_input", "use_eager_attention"]
+
+# The two published DocRED setups. One table for both users: DocREModel.from_preset takes "model"
+# (head and loss), the training CLI (ncrl_kernels.train_docred) takes both parts, so the class and
+# the CLI cannot drift apart. Values from the authors' code; docs/atlop.md ("Presets") says where
+# the NCRL paper's Table 7 differs from the authors' scripts.
+PRESETS = {
+    # wzhouad/ATLOP (model.py, train.py, scripts/run_bert.sh): adaptive thresholding loss, plain
+    # group-bilinear feature; the new layers (names with "extractor" or "bilinear") at lr 1e-4
+    # without weight decay; 30 epochs, no accumulation, 6% warmup. (gamma and margin_reg are NCRL's
+    # and unused by ATL; every preset sets every key so the CLI can take its values from either.)
+    "atlop": {
+        "model": {"loss": "atl", "gamma": 0.0, "margin_reg": True, "symmetric": False},
+        "training": {"classifier_lr": 1e-4, "classifier_weight_decay": 0.0, "gradient_accumulation_steps": 1,
+                     "num_train_epochs": 30.0, "warmup_ratio": 0.06},
+    },
+    # yangzhou12/NCRL's DocRED code (commit bce70d4): NCRLoss(clip=0.05), i.e. NCRL with margin
+    # shift 0.05 and the margin regulariser, the symmetric feature max(bl, bl^T); weight decay 0.01
+    # on the new layers' parameter group only; its run scripts' 8 epochs, accumulation 2, 6% warmup.
+    "ncrl-docred": {
+        "model": {"loss": "ncrl", "gamma": 0.05, "margin_reg": True, "symmetric": True},
+        "training": {"classifier_lr": 1e-4, "classifier_weight_decay": 0.01, "gradient_accumulation_steps": 2,
+                     "num_train_epochs": 8.0, "warmup_ratio": 0.06},
+    },
+}
 
 
 def use_eager_attention(model):
@@ -123,9 +147,15 @@ class DocREModel(nn.Module):
         symmetric: the NCRL authors' symmetric bilinear feature (their DocRED model).
         backend: the ``ncrl_kernels`` backend for the head and loss ("auto" picks the fastest).
 
-    ``forward(input_ids, attention_mask, labels=None, entity_pos=None, hts=None)`` returns
-    ``(predictions,)``, or ``(loss, predictions)`` when ``labels`` (ATLOP's per-document lists of
-    multi-hot rows) are given; predictions are float multi-hot ``[pairs, classes]``.
+    ``forward(input_ids, attention_mask, labels=None, entity_pos=None, hts=None, instance_mask=None)``
+    returns ``(predictions,)``, or ``(loss, predictions)`` when ``labels`` (ATLOP's per-document
+    lists of multi-hot rows) are given; predictions are float multi-hot ``[pairs, classes]``.
+    ``instance_mask`` is accepted and ignored, as in ATLOP's and the NCRL authors' model.py.
+
+    ``DocREModel.from_preset("atlop" | "ncrl-docred", config, model, ...)`` builds the published
+    models (:data:`PRESETS`). ``load_state_dict`` accepts checkpoints saved under older
+    ``transformers`` with ``strict=True``: encoder buffers that current ``transformers`` no longer
+    saves (``model.embeddings.position_ids``) are dropped from the state dict before loading.
     """
 
     def __init__(self, config, model, emb_size=768, block_size=64, num_labels=-1, *, loss="ncrl", gamma=0.0,
@@ -142,6 +172,15 @@ class DocREModel(nn.Module):
         self.emb_size = emb_size
         self.block_size = block_size
         self.num_labels = num_labels
+        self.register_load_state_dict_pre_hook(_drop_unsaved_encoder_buffers)
+
+    @classmethod
+    def from_preset(cls, preset, config, model, emb_size=768, block_size=64, num_labels=-1, **overrides):
+        """The model of a published setup (``PRESETS[preset]["model"]``: loss, gamma, margin_reg,
+        symmetric); keyword ``overrides`` (any constructor keyword) win over the preset."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        return cls(config, model, emb_size, block_size, num_labels, **{**PRESETS[preset]["model"], **overrides})
 
     def encode(self, input_ids, attention_mask):
         start_tokens, end_tokens = self.special_tokens
@@ -178,24 +217,56 @@ class DocREModel(nn.Module):
             rss.append(ht_att @ doc_output)
         return torch.cat(hss), torch.cat(rss), torch.cat(tss)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, entity_pos=None, hts=None):
-        sequence_output, attention = self.encode(input_ids, attention_mask)
-        hs, rs, ts = self.get_hrt(sequence_output, attention, entity_pos, hts)
-        hs = torch.tanh(self.head_extractor(torch.cat([hs, rs], dim=1)))
-        ts = torch.tanh(self.tail_extractor(torch.cat([ts, rs], dim=1)))
+    def pair_scores(self, input_ids, attention_mask, entity_pos, hts):
+        """Class scores ``[pairs, classes]`` as the prediction compares them: the logits, whose
+        column 0 (the none-class score) is each pair's threshold; with ``loss="bce"``, which learns
+        no none-class score, column 0 is the global threshold 0 (probability 0.5). :meth:`predict`
+        turns them into labels; :func:`ncrl_kernels.metrics.ncre` measures their ranking error."""
+        hs, ts, _ = self._pair_representations(input_ids, attention_mask, entity_pos, hts)
+        return self._with_threshold_column(self.bilinear(hs, ts))
+
+    def predict(self, scores):
+        """Multi-hot predictions ``[pairs, classes]`` from :meth:`pair_scores` (ATLOP's get_label)."""
+        return functional.predict(scores, num_labels=self.num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, entity_pos=None, hts=None,
+                instance_mask=None):
+        # instance_mask: in ATLOP's signature; its train.py never passes it and its model ignores it.
         if labels is None:
-            return (self._predict(self.bilinear(hs, ts)),)
+            return (self.predict(self.pair_scores(input_ids, attention_mask, entity_pos, hts)),)
+        hs, ts, sequence_output = self._pair_representations(input_ids, attention_mask, entity_pos, hts)
         classes = self.bilinear.num_classes  # reshape: a document without pairs has labels []
         labels = torch.cat([torch.as_tensor(doc_labels).reshape(-1, classes) for doc_labels in labels]).to(hs.device)
         # GroupBilinearLoss calls ncrl_kernels.fused_ncrl: head + loss without the [pairs, E*B] feature.
         loss, logits = self.bilinear(hs, ts, labels, return_logits=True)
-        return loss.to(sequence_output), self._predict(logits)
+        return loss.to(sequence_output), self.predict(self._with_threshold_column(logits))
 
-    def _predict(self, logits):
+    def _pair_representations(self, input_ids, attention_mask, entity_pos, hts):
+        """ATLOP's head and tail representations ``hs``, ``ts`` (``[pairs, emb_size]``: entity
+        embedding and localised context through the extractors and tanh), and the encoder output."""
+        sequence_output, attention = self.encode(input_ids, attention_mask)
+        hs, rs, ts = self.get_hrt(sequence_output, attention, entity_pos, hts)
+        hs = torch.tanh(self.head_extractor(torch.cat([hs, rs], dim=1)))
+        ts = torch.tanh(self.tail_extractor(torch.cat([ts, rs], dim=1)))
+        return hs, ts, sequence_output
+
+    def _with_threshold_column(self, logits):
         if self.bilinear.loss == "bce":
-            # BCE learns no none-class score: threshold every class at probability 0.5 (logit 0).
-            logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
-        return functional.predict(logits, num_labels=self.num_labels)
+            return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
+        return logits
+
+
+def _drop_unsaved_encoder_buffers(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: drop the encoder buffers that the encoder no longer saves.
+
+    transformers >= 4.31 registers ``embeddings.position_ids`` (and ``token_type_ids``) as
+    non-persistent buffers, so checkpoints from ATLOP's era carry a key that strict loading
+    would reject. Their values are constants the encoder rebuilds itself (``arange``, zeros).
+    ``state_dict`` is load_state_dict's own copy, so the caller's dict is not changed."""
+    saved = module.model.state_dict().keys()
+    for name, _ in module.model.named_buffers():
+        if name not in saved:
+            state_dict.pop(f"{prefix}model.{name}", None)
 
 
 def _special_tokens(config):

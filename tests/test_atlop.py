@@ -7,7 +7,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ncrl_kernels import docred  # noqa: E402
-from ncrl_kernels.atlop import WINDOW, DocREModel, process_long_input, use_eager_attention  # noqa: E402
+from ncrl_kernels.atlop import PRESETS, WINDOW, DocREModel, process_long_input, use_eager_attention  # noqa: E402
+from ncrl_kernels.metrics import ncre  # noqa: E402
 
 from atlop_original import OriginalDocREModel  # noqa: E402
 
@@ -95,6 +96,76 @@ def test_atlop_checkpoint_loads_strictly(corpus, tmp_path):
     original.eval()
     with torch.no_grad():
         assert torch.equal(ours(**inputs(features, labels=False))[0], original(**inputs(features, labels=False))[0])
+
+
+def test_checkpoint_from_older_transformers_loads_strictly(corpus):
+    """ATLOP checkpoints saved under transformers < 4.31 carry model.embeddings.position_ids, a
+    buffer current transformers no longer saves: it is dropped and strict loading succeeds; a key
+    that is really unknown is still rejected; the caller's dict is left as it was."""
+    original, _ = model_pair(corpus)
+    old_style = original.state_dict()
+    assert "model.embeddings.position_ids" not in old_style
+    old_style["model.embeddings.position_ids"] = torch.arange(original.config.max_position_embeddings)[None]
+    _, tokenizer, rel2id, features = corpus
+    config, encoder = tiny_bert(tokenizer, len(rel2id), seed=5)
+    ours = DocREModel(config, encoder, EMB, BLOCK, num_labels=3, loss="atl")
+    ours.load_state_dict(old_style, strict=True)
+    assert "model.embeddings.position_ids" in old_style
+    for name, value in original.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+
+    with pytest.raises(RuntimeError, match="model.embeddings.not_a_buffer"):
+        ours.load_state_dict({**old_style, "model.embeddings.not_a_buffer": torch.zeros(1)}, strict=True)
+
+
+def test_instance_mask_is_accepted_and_ignored(corpus):
+    """ATLOP's and the NCRL authors' forward take instance_mask (and ignore it)."""
+    features = corpus[3]
+    _, ours = model_pair(corpus)
+    loss, pred = ours(**inputs(features))
+    pairs = sum(len(f["hts"]) for f in features)
+    loss_masked, pred_masked = ours(**inputs(features), instance_mask=torch.zeros(pairs))
+    assert torch.equal(loss_masked, loss) and torch.equal(pred_masked, pred)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build_the_published_models(corpus, preset):
+    _, tokenizer, rel2id, features = corpus
+    config, encoder = tiny_bert(tokenizer, len(rel2id))
+    model = DocREModel.from_preset(preset, config, encoder, EMB, BLOCK, num_labels=3)
+    head = model.bilinear
+    assert {"loss": head.loss, "gamma": head.gamma, "margin_reg": head.margin_reg,
+            "symmetric": head.symmetric} == PRESETS[preset]["model"]
+    want = {"atlop": ("atl", False), "ncrl-docred": ("ncrl", True)}[preset]
+    assert (head.loss, head.symmetric) == want
+    # The preset's model is the original's with the same settings.
+    original = OriginalDocREModel(config, use_eager_attention(tiny_bert(tokenizer, len(rel2id), seed=1)[1]), EMB,
+                                  BLOCK, num_labels=3, **PRESETS[preset]["model"])
+    original.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(model(**inputs(features))[0], original(**inputs(features))[0], rtol=1e-5, atol=1e-6)
+
+    assert DocREModel.from_preset(preset, config, encoder, EMB, BLOCK, gamma=0.01).bilinear.gamma == 0.01
+    with pytest.raises(ValueError, match="preset must be one of"):
+        DocREModel.from_preset("ncrl", config, encoder)
+
+
+@pytest.mark.parametrize("loss", ["ncrl", "bce"])
+def test_pair_scores_give_the_predictions_and_the_ncre(corpus, loss):
+    """pair_scores + predict is what forward returns; for BCE column 0 holds its global threshold
+    0, so NCRE measures the ranking the prediction uses."""
+    features = corpus[3]
+    _, ours = model_pair(corpus, loss=loss)
+    ours.eval()
+    with torch.no_grad():
+        scores = ours.pair_scores(**inputs(features, labels=False))
+        (pred,) = ours(**inputs(features, labels=False))
+    assert torch.equal(ours.predict(scores), pred)
+    if loss == "bce":
+        assert scores[:, 0].abs().max() == 0
+    labels = torch.cat([torch.tensor(f["labels"]) for f in features]).float()
+    ours.num_labels = -1  # without the top-k limit, NCRE = 0 exactly on the predicted labels
+    assert ncre(scores, ours.predict(scores), reduction="sum") == 0
+    assert 0 <= ncre(scores, labels) <= len(corpus[2]) - 1
 
 
 def test_encoder_with_default_attention_gives_attention_weights(corpus):
