@@ -19,6 +19,7 @@ process trains on its DistributedSampler share and rank 0 evaluates and writes t
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 import torch
@@ -111,7 +113,9 @@ def build_parser():
                        + _defaults_note("test_file"))
     atlop.add_argument("--save_path", default="", help="write the best dev checkpoint (a state dict) here")
     atlop.add_argument("--load_path", default="",
-                       help="no training: load this state dict (strict), evaluate dev, predict test into --result_file")
+                       help="no training: load this state dict (strict), evaluate dev, predict test into --result_file; "
+                            "give the model flags it was trained with (--preset, --symmetric...): the symmetric feature "
+                            "has no parameters, so a checkpoint loads under either and predicts differently")
     atlop.add_argument("--config_name", default="", help="encoder config if not --model_name_or_path's")
     atlop.add_argument("--tokenizer_name", default="", help="tokenizer if not --model_name_or_path's")
     atlop.add_argument("--max_seq_length", type=int, default=1024, help="word pieces per document (default: 1024)")
@@ -208,6 +212,10 @@ def parse_args(argv=None):
         parser.error(f"--gamma must be in [0, 1), got {args.gamma}")
     if args.emb_size % args.block_size:
         parser.error(f"--emb_size ({args.emb_size}) must be a multiple of --block_size ({args.block_size})")
+    for name in ("save_path", "result_file"):  # found now, not at the first evaluation, an epoch in
+        directory = os.path.dirname(getattr(args, name))
+        if directory and not os.path.isdir(directory):
+            parser.error(f"--{name}: the directory {directory!r} does not exist; create it first")
     return args
 
 
@@ -260,25 +268,42 @@ def read_features(docs, tokenizer, rel2id, args):
 
 def _hub_unreachable_reason():
     """Why from_pretrained must stay off the Hugging Face hub, or None when it may go there.
-    A TCP probe of the hub's endpoint bounded by HUB_PROBE_TIMEOUT_S (name resolution included,
-    which socket timeouts do not cover), so a machine without network fails fast instead of
-    waiting through the hub client's retries."""
+    A TCP probe of where the hub client would connect first (the proxy for the endpoint's scheme
+    when one is set, as for the client, else the endpoint), bounded by HUB_PROBE_TIMEOUT_S (name
+    resolution included, which socket timeouts do not cover), so a machine without network fails
+    fast instead of waiting through the hub client's retries."""
     for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(switch, "").upper() in ("1", "ON", "YES", "TRUE"):
             return f"switched off ({switch})"
+    host, port = _hub_probe_address()
+    return None if _answers(host, port) else f"unreachable ({host}:{port} did not answer)"
+
+
+def _hub_probe_address():
+    """(host, port) of the hub's endpoint (HF_ENDPOINT), or of the proxy that reaches it
+    (HTTPS_PROXY and the like, unless NO_PROXY exempts the endpoint's host)."""
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname):
+        endpoint = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=None)
+def _answers(host, port):
+    """Whether a TCP connection to host:port opens within HUB_PROBE_TIMEOUT_S (once per process:
+    the config, the tokenizer and the model ask in turn)."""
     reached = []
 
     def probe():
-        with contextlib.suppress(OSError), socket.create_connection((endpoint.hostname, port),
-                                                                    timeout=HUB_PROBE_TIMEOUT_S):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
             reached.append(True)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(HUB_PROBE_TIMEOUT_S)
-    return None if reached else f"unreachable ({endpoint.hostname}:{port} did not answer)"
+    return bool(reached)
 
 
 def _from_pretrained(loader, name, flag, **kwargs):
@@ -293,8 +318,8 @@ def _from_pretrained(loader, name, flag, **kwargs):
             raise SystemExit(f"{flag}: could not load {name!r}: {error}") from error
         raise SystemExit(
             f"{flag}: {name!r} is not a local directory, the Hugging Face hub is {hub_off} and it is not in "
-            f"the local cache. Download it where there is network (e.g. `huggingface-cli download {name} "
-            f"--local-dir DIR`) and pass {flag} DIR.") from error
+            f"the local cache. Download it where there is network (e.g. `hf download {name} --local-dir DIR`; "
+            f"older huggingface_hub: `huggingface-cli download`) and pass {flag} DIR.") from error
 
 
 def build_encoder(args, docs, num_classes):
@@ -461,10 +486,11 @@ class Trainer:
                              f"{args.train_batch_size} per process; lower --train_batch_size")
         steps_per_epoch = math.ceil(len(loader) / accumulation)
         total_steps = steps_per_epoch * epochs
-        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(total_steps * args.warmup_ratio), total_steps)
+        warmup_steps = int(total_steps * args.warmup_ratio)
+        scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
         if self.processes.is_main:
-            print(f"{phase}: {len(features)} documents, {total_steps} optimiser steps "
-                  f"({int(total_steps * args.warmup_ratio)} warmup)", file=sys.stderr)
+            print(f"{phase}: {len(features)} documents, {total_steps} optimiser steps ({warmup_steps} warmup)",
+                  file=sys.stderr)
         best_f1, step, losses = -1.0, 0, []
         for epoch in range(epochs):
             if self.processes.distributed:
@@ -541,7 +567,10 @@ def main(argv=None):
             raise SystemExit(f"--num_class {args.num_class} does not match the {len(rel2id)} relation ids of "
                              f"{rel2id_path or 'the data'}; pass --num_class {len(rel2id)} or the matching --rel2id")
         tokenizer, encoder = build_encoder(args, docs, num_classes)
-        features = read_features(docs, tokenizer, rel2id, args)
+        # Evaluating a checkpoint reads only dev and test (Ign F1 needs the training documents, not
+        # their features): the training and distant sets are not tokenised.
+        features = read_features({split: split_docs for split, split_docs in docs.items()
+                                  if not args.load_path or split in ("dev", "test")}, tokenizer, rel2id, args)
         seed_everything(args.seed)  # as ATLOP: the head's initialisation does not depend on what came before
         model = DocREModel(encoder.config, encoder, args.emb_size, args.block_size, args.num_labels, loss=args.loss,
                            gamma=args.gamma, margin_reg=args.margin_reg, symmetric=args.symmetric)

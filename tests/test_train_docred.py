@@ -171,7 +171,8 @@ def test_distant_data_first_then_annotated_with_ign_f1_against_annotated_facts(w
 
     monkeypatch.setattr(docred, "evaluate", spy)
     lines = run(atlop_flags(distant_file="train_distant.json", distant_epochs="1", num_train_epochs="1",
-                            evaluation_steps=None, gradient_accumulation_steps=None, test_file=""), capsys)
+                            evaluation_steps=None, gradient_accumulation_steps=None, test_file="", threads="1"),
+                capsys)
     # 8 distant documents = 4 steps, then 12 annotated = 6 steps, one evaluation at each epoch end.
     assert [(line["phase"], line["step"]) for line in lines] == [("distant", 4), ("annotated", 6)]
     annotated = {doc["title"] for doc in json.loads((workdir / "dataset/docred/train_annotated.json").read_text())}
@@ -193,20 +194,37 @@ def test_offline_demo_without_data_flags(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "result.json").exists()
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                   "NO_PROXY", "no_proxy")
+
+
+def test_hub_probe_goes_where_the_hub_client_connects(monkeypatch):
+    """Through the proxy when one is set (a cluster whose only way out is HTTPS_PROXY has a
+    reachable hub), directly when NO_PROXY exempts the hub or no proxy is set."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    assert train_docred._hub_probe_address() == ("huggingface.co", 443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert train_docred._hub_probe_address() == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert train_docred._hub_probe_address() == ("huggingface.co", 443)
+
+
 def test_hub_id_without_network_fails_fast_with_a_clear_message(workdir, monkeypatch):
     """No local directory, an unreachable hub (a closed local port as its endpoint) and nothing in
     the cache: the run ends at once saying which flag and what to do."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
     monkeypatch.chdir(workdir)
     assert "did not answer" in train_docred._hub_unreachable_reason()
     start = time.perf_counter()
     with pytest.raises(SystemExit, match=r"--model_name_or_path: 'no-such-org/no-such-model' is not a local directory.*"
-                                         r"unreachable.*huggingface-cli download"):
+                                         r"unreachable.*hf download"):
         train_docred.main(atlop_flags(model_name_or_path="no-such-org/no-such-model"))
     assert time.perf_counter() - start < train_docred.HUB_PROBE_TIMEOUT_S + 5
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
