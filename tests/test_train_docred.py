@@ -302,3 +302,33 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [(line["epoch"], line["step"]) for line in lines] == [(1, 2), (2, 4)]
     assert "2 process(es) on cpu" in done.stderr
     assert (tmp_path / "ddp.pt").exists()
+
+
+def test_accumulated_gradient_is_the_mean_of_its_batches_gradients():
+    """Two batches accumulated into one optimiser step give the mean of their two gradients
+    (ATLOP's loss / gradient_accumulation_steps), through the trainer's own backward (autocast and
+    the GradScaler disabled pass through). Dropout off: the model in eval mode."""
+    args = train_docred.parse_args([*TINY_DEMO, "--gradient_accumulation_steps", "2", "--amp", "off"])
+    docs = train_docred.load_documents(args)
+    rel2id, _ = train_docred.load_rel2id(args, docs)
+    tokenizer, encoder = train_docred.build_encoder(args, docs, len(rel2id))
+    features = train_docred.read_features({"train": docs["train"]}, tokenizer, rel2id, args)["train"]
+    model = DocREModel(encoder.config, encoder, args.emb_size, args.block_size, args.num_labels, loss=args.loss)
+    trainer = train_docred.Trainer(model, {}, docs, rel2id, args, train_docred.Processes())
+    batches = [docred.collate_fn(features[i:i + 2]) for i in (0, 2)]
+    model.eval()
+
+    def grads():
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    for batch in batches:
+        trainer.backward(batch, group_size=2, sync=True)
+    accumulated = grads()
+    assert any(g.abs().sum() > 0 for g in accumulated)
+    single = []
+    for input_ids, attention_mask, labels, entity_pos, hts in batches:
+        model.zero_grad(set_to_none=True)
+        model(input_ids, attention_mask, labels=labels, entity_pos=entity_pos, hts=hts)[0].backward()
+        single.append(grads())
+    for got, first, second in zip(accumulated, *single):
+        torch.testing.assert_close(got, (first + second) / 2, rtol=1e-5, atol=1e-7)
