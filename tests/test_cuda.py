@@ -131,3 +131,24 @@ def test_direct_op_calls_check_devices():
         ops.fused_forward(hs, ts, weight, bias, labels.cpu(), 4, False, "ncrl", 0.0, True, "mean")
     with pytest.raises(RuntimeError, match="must be on one device"):
         ops.head_forward(hs, ts, weight.cpu(), bias, 4, False)
+
+
+def test_bf16_slices_at_docred_size():
+    """The tile plan of docs/cuda.md at N = 1024, E = 768, B = 64 in bf16: the forward builds its
+    features in 3 slices (1024 pairs x 4 groups in 32 MiB of bf16), the backward reduces dX and
+    rebuilds features in 6 (1024 x 2 in fp32), where v1 took one slice per group (12)."""
+    hs, ts, weight, bias, labels = make_head_inputs(1024, 768, 64, 97, dtype=torch.bfloat16, device="cuda")
+    ops = torch.ops.ncrl_kernels
+    grad = torch.randn(1024, 97, device="cuda")
+
+    def launches():
+        ops.head_forward(hs, ts, weight, bias, 64, False)
+        ops.head_backward(grad, hs, ts, weight, 64, False, True, True)
+        torch.cuda.synchronize()
+
+    launches()  # cuBLAS warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        launches()
+    names = [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("build_features_kernel" in name for name in names) == 3 + 6
+    assert sum("reduce_feature_grads_kernel" in name for name in names) == 6
