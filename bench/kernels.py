@@ -27,7 +27,7 @@ import roofline  # noqa: E402
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
 from ncrl_kernels.triton_kernels._common import (  # noqa: E402
-    INTERPRETER_TILES, LOSS_CODES, TRITON_INTERPRET, Tiles, operand_kind)
+    LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles)
 
 # Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
 KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
@@ -89,8 +89,6 @@ def make_inputs(n, emb, block, classes, dtype, device, seed=0):
     return Inputs(to(hs), to(ts), to(weight), labels.to(device), grad_logits.to(device))
 
 
-def candidates(table, dtype, precision):
-    return [INTERPRETER_TILES] if TRITON_INTERPRET else table[operand_kind(dtype, precision)]
 
 
 def tiles_name(tiles):
@@ -125,7 +123,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
         return out
 
     partial = None
-    for tiles in candidates(head_forward.FORWARD_TILES, dtype, precision):
+    for tiles in candidate_tiles(head_forward.FORWARD_TILES, dtype, precision, x.hs.device):
         auto = head_forward.split_count(tiles, n, emb, block, device)
         for split in sorted({(auto + 1) // 2, auto} if not TRITON_INTERPRET else {auto}):
             out = measure("forward", tiles, lambda t=dataclasses.replace(tiles, split=split):
@@ -145,11 +143,11 @@ def kernel_rows(args, device, kind, symmetric, emit):
     # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing.
     operands = head_backward.backward_operands(x.grad_logits, x.weight, input_grad=True, weight_grad=True)
     backward = dict(common, classes=classes)
-    for tiles in candidates(head_backward.WEIGHT_GRAD_TILES, dtype, precision):
+    for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
         dweight = torch.empty_like(x.weight)
         measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_head_backward(
             operands, x.hs, x.ts, dweight=d, weight_tiles=t, **backward) or d)
-    for tiles in candidates(head_backward.INPUT_GRAD_TILES, dtype, precision):
+    for tiles in candidate_tiles(head_backward.INPUT_GRAD_TILES, dtype, precision, x.hs.device):
         dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)
         measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_head_backward(
             operands, x.hs, x.ts, dhs=a, dts=b, input_tiles=t, **backward) or torch.cat([a, b], 1))

@@ -76,11 +76,46 @@ def operand_kind(dtype, precision):
 INTERPRETER_TILES = Tiles(block_n=32, rows=2, num_warps=1, num_stages=1, split=3)
 
 
-def pick_tiles(candidates, dtype, precision):
-    """The config a kernel launches with: the first of its candidates for these operands. Chosen
-    from the shape alone, never by timing, so results are the same in every process (SPEC.md,
+# GPUs with at least this much shared memory per block (A100: 163 KB, H100/H200: 227 KB) take a
+# kernel's candidates for their operand kind; the others (about 100 KB: sm_86/89/120, e.g. RTX
+# 30xx/40xx, A10, L4, L40S) take its "<kind>/small-smem" candidates where it has some, configs
+# that compile_check keeps within sm_86's 99 KB.
+LARGE_SHARED_MEMORY = 160 * 1024
+SMALL_SMEM = "small-smem"
+
+
+def table_key(table, kind, shared_memory):
+    """The key of `table` (operand kind -> candidate configs) that a GPU with `shared_memory` bytes
+    of shared memory per block launches `kind` operands with."""
+    small = f"{kind}/{SMALL_SMEM}"
+    return small if shared_memory < LARGE_SHARED_MEMORY and small in table else kind
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device_index):
+    """The most shared memory one program may use on a CUDA device (the opt-in limit Triton
+    launches with); from the compute capability where torch does not report it."""
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return optin
+    return {(8, 0): 163 * 1024, (9, 0): 227 * 1024}.get((props.major, props.minor), 99 * 1024)
+
+
+def candidate_tiles(table, dtype, precision, device):
+    """A kernel's candidate configs for these operands on this device (`table`: operand kind ->
+    configs), the default first; the interpreter's one config under TRITON_INTERPRET."""
+    if TRITON_INTERPRET:
+        return [INTERPRETER_TILES]
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return table[table_key(table, operand_kind(dtype, precision), shared_memory_per_block(index))]
+
+
+def pick_tiles(table, dtype, precision, device):
+    """The config a kernel launches with: the first of its candidates. Chosen from the operands
+    and the device alone, never by timing, so results are the same in every process (SPEC.md,
     determinism), and nothing is tuned at run time."""
-    return INTERPRETER_TILES if TRITON_INTERPRET else candidates[operand_kind(dtype, precision)][0]
+    return candidate_tiles(table, dtype, precision, device)[0]
 
 
 INTERPRETER_SMS = 4

@@ -3,7 +3,10 @@ of them. Needs Triton's NVIDIA backend (its bundled ptxas and cuobjdump), not a 
 without TRITON_INTERPRET:
 
     python -m ncrl_kernels.triton_kernels.compile_check                      # DocRED shapes, sm_90
-    python -m ncrl_kernels.triton_kernels.compile_check --archs 80 90 --all-configs
+    python -m ncrl_kernels.triton_kernels.compile_check --archs 80 86 90 --all-configs
+
+Each target compiles the candidates a GPU of its shared memory launches (_common.table_key):
+sm_86/sm_89 (about 100 KB per block) take the "/small-smem" lists where a kernel has one.
 
 Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligned (PyTorch's
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
@@ -33,14 +36,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import head_backward, head_forward, loss_rows
-from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step
+from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step, table_key
 
 # Benchmark dtypes: (pointer type, precision). "fp32" is fp32 inputs at PyTorch's default
 # precision ("highest", run as 3xTF32), "tf32" with TF32 allowed.
 DTYPES = {"fp32": ("*fp32", TF32X3), "tf32": ("*fp32", TF32), "bf16": ("*bf16", IEEE), "fp16": ("*fp16", IEEE),
           "fp64": ("*fp64", IEEE)}
 # Shared memory per block (opt-in maximum) of each target.
-SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
+# Shared memory per block (the opt-in limit) of the targets checked: A100, RTX 30xx/A10/A40, RTX
+# 40xx/L4/L40S, H100/H200.
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MATMUL_KERNELS = ("forward", "weight grad", "input grad")
 
 
@@ -48,10 +53,10 @@ def kind_of(dtype):
     return {"bf16": "16bit", "fp16": "16bit", "fp64": "fp64", "tf32": "tf32", "fp32": "tf32x3"}[dtype]
 
 
-def variants(dtype, emb, block, classes, all_configs):
+def variants(dtype, emb, block, classes, all_configs, arch):
     """(name, kernel, pointer types (None: argument not passed), constexprs, configs) of every
-    kernel variant the backend launches for inputs of `dtype`; configs are (Tiles or None,
-    num_warps, num_stages, is_default)."""
+    kernel variant the backend launches for inputs of `dtype` on sm_`arch` (whose shared memory
+    picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
     ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
     shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
@@ -60,7 +65,8 @@ def variants(dtype, emb, block, classes, all_configs):
     kind = kind_of(dtype)
 
     def tiles(table):
-        candidates = table[kind] if all_configs else table[kind][:1]
+        candidates = table[table_key(table, kind, SHARED_MEMORY[arch])]
+        candidates = candidates if all_configs else candidates[:1]
         return [(t, i == 0) for i, t in enumerate(candidates)]
 
     out = []
@@ -117,8 +123,8 @@ def resource_usage(cubin):
 def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes):
     """Why a compiled config fails the check (empty: it passes)."""
     found = []
-    if shared > SHARED_MEMORY.get(arch, SHARED_MEMORY[80]):
-        found.append(f"needs {shared} B of shared memory, sm_{arch} has {SHARED_MEMORY.get(arch)}")
+    if shared > SHARED_MEMORY[arch]:
+        found.append(f"needs {shared} B of shared memory, sm_{arch} has {SHARED_MEMORY[arch]}")
     if default and name.startswith(MATMUL_KERNELS):
         if arch == 90 and dtype in ("bf16", "fp16", "tf32"):
             if stack and "sym=False" in name:
@@ -137,7 +143,8 @@ def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "tf32", "fp32", "fp16", "fp64"])
-    parser.add_argument("--archs", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--archs", nargs="+", type=int, choices=sorted(SHARED_MEMORY), default=[90],
+                        help="compute capabilities, e.g. 80 86 90")
     parser.add_argument("--emb", type=int, default=768)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--classes", type=int, default=97)
@@ -151,7 +158,7 @@ def main(argv=None):
         target = GPUTarget("cuda", arch, 32)
         for dtype in args.dtypes:
             for name, kernel, pointers, constexprs, configs in variants(dtype, args.emb, args.block, args.classes,
-                                                                        args.all_configs):
+                                                                        args.all_configs, arch):
                 for tiles, default in configs:
                     if tiles is None:
                         constants, warps, stages, label_tiles = constexprs, 4, 1, "-"

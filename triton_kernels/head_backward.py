@@ -167,16 +167,19 @@ def input_grad_kernel(
 # timed on the H200 at N=4096 (bench/results/nvidia-h200-kernels.csv): in 16-bit, 4 rows per
 # program made d weight 10-25% faster than 2; 128-pair tiles made d input 20% (bf16) to 75%
 # (TF32) faster than 64; two rows per dot in d input ran 5x slower, so it has one. d weight sums
-# over pair tiles in order, so a config's block_n fixes its summation order.
+# over pair tiles in order, so a config's block_n fixes its summation order. "/small-smem": see
+# head_forward.FORWARD_TILES.
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "tf32": [Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
+    "tf32/small-smem": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 2, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
 INPUT_GRAD_TILES = {
     "16bit": [Tiles(128, 1, 8, 3), Tiles(64, 1, 8, 3)],
     "tf32": [Tiles(128, 1, 8, 3), Tiles(64, 1, 8, 3)],
+    "tf32/small-smem": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
@@ -231,13 +234,14 @@ def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, pr
         K_MAJOR=k_major(hs.dtype),
     )
     if dweight is not None:
-        launch = (weight_tiles or pick_tiles(WEIGHT_GRAD_TILES, hs.dtype, precision)).launch_args(block_size)
+        tiles = weight_tiles or pick_tiles(WEIGHT_GRAD_TILES, hs.dtype, precision, hs.device)
+        launch = tiles.launch_args(block_size)
         grad = operands.grad_t if shapes["K_MAJOR"] else operands.grad
         assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad with backward_operands"
         wrap_triton(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
                                                                   **launch)
     if dhs is not None and n > 0:
-        tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision)
+        tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
         wrap_triton(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
             operands.grad, hs, ts, operands.weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
         )
