@@ -29,6 +29,16 @@ AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference
 
 _REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
 
+# The Triton kernels' configs are built for compute capability 8.0 and newer: bf16 tensor cores,
+# and shared memory of at least an RTX 30xx's (compile_check checks sm_80, sm_86, sm_89, sm_90).
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index):
+    """(major, minor) compute capability of CUDA device `index`; a constant under torch.compile."""
+    return torch.cuda.get_device_capability(index)
+
 
 def _extension_reason(dispatch_key):
     """Why the compiled extension cannot serve `dispatch_key` ("CPU", "CUDA"), or None."""
@@ -67,6 +77,13 @@ def unavailable_reason(name, device):
                 return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
             if not torch.cuda.is_available():
                 return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+            major, minor = cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+            if (major, minor) < TRITON_MIN_CAPABILITY:
+                return (
+                    f"the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or "
+                    f"newer, {device} is {major}.{minor}; use 'cuda' (built for it: "
+                    f"TORCH_CUDA_ARCH_LIST={major}.{minor}, docs/cuda.md) or 'reference'"
+                )
             return None
         if kind == "cpu" and TRITON_INTERPRET:
             return None

@@ -113,9 +113,10 @@ def build_parser():
                        + _defaults_note("test_file"))
     atlop.add_argument("--save_path", default="", help="write the best dev checkpoint (a state dict) here")
     atlop.add_argument("--load_path", default="",
-                       help="no training: load this state dict (strict), evaluate dev, predict test into --result_file; "
-                            "give the model flags it was trained with (--preset, --symmetric...): the symmetric feature "
-                            "has no parameters, so a checkpoint loads under either and predicts differently")
+                       help="no training: load this state dict (strict), evaluate dev, predict test into "
+                            "--result_file; give the model flags it was trained with (--preset, --symmetric...): the "
+                            "symmetric feature has no parameters, so a checkpoint loads under either and predicts "
+                            "differently")
     atlop.add_argument("--config_name", default="", help="encoder config if not --model_name_or_path's")
     atlop.add_argument("--tokenizer_name", default="", help="tokenizer if not --model_name_or_path's")
     atlop.add_argument("--max_seq_length", type=int, default=1024, help="word pieces per document (default: 1024)")

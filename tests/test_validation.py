@@ -127,6 +127,20 @@ def test_backend_that_cannot_run_says_why(good, monkeypatch):
     assert torch.isfinite(fused(good, "auto"))
 
 
+def test_triton_needs_compute_capability_8(monkeypatch):
+    """On a pre-Ampere GPU (here a simulated T4, sm_75) the Triton backend says why it cannot run,
+    and "auto" moves on to the next backend."""
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(_dispatch, "TRITON_IMPORT_ERROR", None)
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (7, 5))
+    reason = _dispatch.unavailable_reason("triton", torch.device("cuda:0"))
+    assert reason is not None and "compute capability 8.0" in reason and "7.5" in reason
+    monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (8, 6))
+    assert _dispatch.unavailable_reason("triton", torch.device("cuda:0")) is None
+
+
 def test_predict_arguments():
     with pytest.raises(TypeError, match="logits"):
         ncrl_kernels.predict(make_logits(N, C).long())

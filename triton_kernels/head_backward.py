@@ -7,12 +7,12 @@ autocast, as the eager head's backward gets it), so its rows are 16-byte aligned
 unmasked along the classes; ``backward_operands`` prepares it. For fp32 operands (TF32, 3xTF32)
 the operands the dots read from memory come K-major: grad transposed (``[BLOCK_C, N']``, pairs
 contiguous) for the d weight dot, and a transposed, class-padded weight (``[E*B, BLOCK_C]``) for the
-d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory operands only K-major; given the natural
-(MN-major) layouts, Triton transposes them on the way in with 4-byte copies instead of 16-byte
-ones (compile_check reports the copy sizes). 16-bit wgmma transposes for free, so 16-bit operands
-keep the natural layouts. The d weight kernel's tile of ts's (and hs's) group columns still
-arrives by 4-byte copies in fp32: the feature built from it needs the pairs innermost, the
-transpose of how they lie in memory, whatever layout the dot reads.
+d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory
+operands only K-major; given the natural (MN-major) layouts, Triton transposes them on the way in
+with 4-byte copies instead of 16-byte ones (compile_check reports the copy sizes). 16-bit wgmma
+transposes for free, so 16-bit operands keep the natural layouts. The d weight kernel's tile of
+ts's (and hs's) group columns still arrives by 4-byte copies in fp32: the feature built from it
+needs the pairs innermost, the transpose of how they lie in memory, whatever layout the dot reads.
 
 - ``weight_grad_kernel``: one program per ROWS feature rows s0 .. s0 + ROWS - 1 of a group (the
   weight columns s*B + j of every class), looping over all pair tiles in order:
