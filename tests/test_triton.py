@@ -136,16 +136,15 @@ def test_precision_follows_torch(device, setting, pristine_precision, monkeypatc
 
 def candidate_configs(device):
     """(table, table key, operand kind, tiles) of every candidate config: on a GPU those it may
-    launch (its shared memory picks a table key per kind); on the interpreter, which ignores warps
-    and stages, each distinct pair tile and rows per step of every list once."""
+    launch (its compute capability picks a table key per kind); on the interpreter, which ignores
+    warps and stages, each distinct pair tile and rows per step of every list once."""
     from ncrl_kernels.triton_kernels import _common, head_backward, head_forward
 
     out, seen = [], set()
     for table in (head_forward.FORWARD_TILES, head_backward.WEIGHT_GRAD_TILES, head_backward.INPUT_GRAD_TILES):
         for key, candidates in table.items():
             kind = key.split("/")[0]
-            if device != "cpu" and key != _common.table_key(table, kind, _common.shared_memory_per_block(
-                    torch.cuda.current_device())):
+            if device != "cpu" and key != _common.table_key(table, kind, torch.cuda.get_device_capability()):
                 continue
             for tiles in candidates:
                 seen_as = (id(table), tiles.block_n, tiles.rows) if device == "cpu" else (id(table), key, tiles)
@@ -190,11 +189,10 @@ def triton_compiles_for_nvidia():
 @pytest.mark.skipif(not triton_compiles_for_nvidia(), reason="Triton's NVIDIA backend is not installed")
 def test_kernels_compile_for_gpu():
     """The static check (compile_check): every kernel variant's default config compiles for sm_90,
-    sm_80 and sm_86 (about 100 KB of shared memory per block, as sm_89: the "/small-smem"
+    sm_80 and sm_86 (about 100 KB of shared memory per block, as sm_89; sm_8x take the "/sm8x"
     candidates) at DocRED shape with the installed Triton (no GPU needed: Triton bundles ptxas),
-    as a launch compiles it, within the target's shared memory, with pipelined loads; on sm_90 some
-    of them 16 bytes wide, the bf16/fp16/TF32 dots wgmma and the plain head's kernels without
-    spills."""
+    as a launch compiles it, within the target's shared memory, with pipelined loads, the plain
+    head without spills; on sm_90 some loads 16 bytes wide and the bf16/fp16/TF32 dots wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check",

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import TRITON_INTERPRET
+from .._dispatch import TRITON_INTERPRET, cuda_capability
 
 # tl.dot needs every dimension of its operands to be at least 16.
 MIN_DOT = 16
@@ -76,30 +76,20 @@ def operand_kind(dtype, precision):
 INTERPRETER_TILES = Tiles(block_n=32, rows=2, num_warps=1, num_stages=1, split=3)
 
 
-# GPUs with at least this much shared memory per block (A100: 163 KB, H100/H200: 227 KB) take a
-# kernel's candidates for their operand kind; the others (about 100 KB: sm_86/89/120, e.g. RTX
-# 30xx/40xx, A10, L4, L40S) take its "<kind>/small-smem" candidates where it has some, configs
-# that compile_check keeps within sm_86's 99 KB.
-LARGE_SHARED_MEMORY = 160 * 1024
-SMALL_SMEM = "small-smem"
+# The candidate lists are tuned on Hopper (sm_90: wgmma, 227 KB of shared memory per block).
+# GPUs with mma.sync tensor cores instead (sm_80/86/89: A100, RTX 30xx/40xx, A10, A40, L4, L40S;
+# and sm_120) take a table's "<kind>/sm8x" list where it has one: configs that compile_check keeps
+# within sm_86's 99 KB and, in the plain head, without spills on sm_80 and sm_86, where Hopper's
+# defaults need up to 160 KB or spill kilobytes.
+WGMMA_MAJORS = (9, 10)
+SM8X = "sm8x"
 
 
-def table_key(table, kind, shared_memory):
-    """The key of `table` (operand kind -> candidate configs) that a GPU with `shared_memory` bytes
-    of shared memory per block launches `kind` operands with."""
-    small = f"{kind}/{SMALL_SMEM}"
-    return small if shared_memory < LARGE_SHARED_MEMORY and small in table else kind
-
-
-@functools.lru_cache(maxsize=None)
-def shared_memory_per_block(device_index):
-    """The most shared memory one program may use on a CUDA device (the opt-in limit Triton
-    launches with); from the compute capability where torch does not report it."""
-    props = torch.cuda.get_device_properties(device_index)
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin:
-        return optin
-    return {(8, 0): 163 * 1024, (9, 0): 227 * 1024}.get((props.major, props.minor), 99 * 1024)
+def table_key(table, kind, capability):
+    """The key of `table` (operand kind -> candidate configs) that a GPU of compute capability
+    `capability` (major, minor) launches `kind` operands with."""
+    sm8x = f"{kind}/{SM8X}"
+    return sm8x if capability[0] not in WGMMA_MAJORS and sm8x in table else kind
 
 
 def candidate_tiles(table, dtype, precision, device):
@@ -108,7 +98,7 @@ def candidate_tiles(table, dtype, precision, device):
     if TRITON_INTERPRET:
         return [INTERPRETER_TILES]
     index = torch.cuda.current_device() if device.index is None else device.index
-    return table[table_key(table, operand_kind(dtype, precision), shared_memory_per_block(index))]
+    return table[table_key(table, operand_kind(dtype, precision), cuda_capability(index))]
 
 
 def pick_tiles(table, dtype, precision, device):

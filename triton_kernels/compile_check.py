@@ -5,8 +5,8 @@ without TRITON_INTERPRET:
     python -m ncrl_kernels.triton_kernels.compile_check                      # DocRED shapes, sm_90
     python -m ncrl_kernels.triton_kernels.compile_check --archs 80 86 90 --all-configs
 
-Each target compiles the candidates a GPU of its shared memory launches (_common.table_key):
-sm_86/sm_89 (about 100 KB per block) take the "/small-smem" lists where a kernel has one.
+Each target compiles the candidates a GPU of its compute capability launches
+(_common.table_key): sm_80/86/89 take the "/sm8x" lists where a kernel has one.
 
 Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligned (PyTorch's
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
@@ -14,14 +14,13 @@ and config it reports registers and spill stack per thread (cuobjdump), shared m
 tensor-core instruction the dots became (wgmma on sm_90, mma.sync on sm_80, or FMA) and the
 asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
 variant does not compile, when a config needs more shared memory than the target has, when a
-matmul kernel's default config pipelines no load, on sm_90 (the tuned target) when a default
+matmul kernel's default config pipelines no load, when the plain head's default config spills in
+16-bit or TF32 (sm_80/86/89/90) or 3xTF32 (sm_80/86/89), on sm_90 (the tuned target) when a default
 config has no 16-byte copy (its dot operands are being transposed on the way in; see
-head_backward.py), and, on sm_90 for bf16/fp16/TF32, when a default config's dots are not wgmma
-or the plain head's default config spills. Spills
-are reported, not failed, for the symmetric head (it holds two more [BLOCK_N, B] tiles and sits
-at the register limit: a few dozen bytes spill or not depending on the Triton version), for
-3xTF32 (its three operand splits do not fit in registers at any tile tried), fp64 (tests only)
-and sm_80 (not tuned: the symmetric forward spills there at every tile tried).
+head_backward.py), and on sm_90 when a bf16/fp16/TF32 default's dots are not wgmma. Spills are
+reported, not failed, for the symmetric head (it holds two more [BLOCK_N, B] tiles and sits at the
+register limit: a few dozen bytes spill or not depending on the Triton version and target), for
+3xTF32 on sm_90 (its three operand splits), and fp64 (tests only).
 """
 import argparse
 import collections
@@ -55,8 +54,8 @@ def kind_of(dtype):
 
 def variants(dtype, emb, block, classes, all_configs, arch):
     """(name, kernel, pointer types (None: argument not passed), constexprs, configs) of every
-    kernel variant the backend launches for inputs of `dtype` on sm_`arch` (whose shared memory
-    picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
+    kernel variant the backend launches for inputs of `dtype` on sm_`arch` (whose compute
+    capability picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
     ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
     shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
@@ -65,7 +64,7 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     kind = kind_of(dtype)
 
     def tiles(table):
-        candidates = table[table_key(table, kind, SHARED_MEMORY[arch])]
+        candidates = table[table_key(table, kind, divmod(arch, 10))]
         candidates = candidates if all_configs else candidates[:1]
         return [(t, i == 0) for i, t in enumerate(candidates)]
 
@@ -126,11 +125,13 @@ def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies
     if shared > SHARED_MEMORY[arch]:
         found.append(f"needs {shared} B of shared memory, sm_{arch} has {SHARED_MEMORY[arch]}")
     if default and name.startswith(MATMUL_KERNELS):
-        if arch == 90 and dtype in ("bf16", "fp16", "tf32"):
-            if stack and "sym=False" in name:
-                found.append(f"default config spills {stack} B per thread")
-            if unit != "wgmma":
-                found.append(f"dots compiled to {unit}, not wgmma")
+        # The plain head's defaults must not spill: in 16-bit and TF32 on sm_90, and in 3xTF32
+        # too on sm_8x (their "/sm8x" configs; 3xTF32 spills a few dozen bytes on sm_90).
+        spill_free = ("bf16", "fp16", "tf32") + (("fp32",) if arch // 10 == 8 else ())
+        if arch in (80, 86, 89, 90) and dtype in spill_free and stack and "sym=False" in name:
+            found.append(f"default config spills {stack} B per thread")
+        if arch == 90 and dtype in ("bf16", "fp16", "tf32") and unit != "wgmma":
+            found.append(f"dots compiled to {unit}, not wgmma")
         if arch == 90 and dtype != "fp64" and copy_sizes and 16 not in copy_sizes:
             # The big tiles a kernel pipelines are its dots' memory operands; with no 16-byte copy
             # at all, Triton is transposing them on the way in (see head_backward.py, K_MAJOR).

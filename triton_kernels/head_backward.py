@@ -167,20 +167,23 @@ def input_grad_kernel(
 # timed on the H200 at N=4096 (bench/results/nvidia-h200-kernels.csv): in 16-bit, 4 rows per
 # program made d weight 10-25% faster than 2; 128-pair tiles made d input 20% (bf16) to 75%
 # (TF32) faster than 64; two rows per dot in d input ran 5x slower, so it has one. d weight sums
-# over pair tiles in order, so a config's block_n fixes its summation order. "/small-smem": see
-# head_forward.FORWARD_TILES.
+# over pair tiles in order, so a config's block_n fixes its summation order. "/sm8x": see
+# head_forward.FORWARD_TILES; the 16-bit input grad's defaults fit there as they are.
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
+    "16bit/sm8x": [Tiles(64, 2, 8, 3)],
     "tf32": [Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
-    "tf32/small-smem": [Tiles(64, 1, 8, 2)],
+    "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 2, 8, 2)],
+    "tf32x3/sm8x": [Tiles(32, 1, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
 INPUT_GRAD_TILES = {
     "16bit": [Tiles(128, 1, 8, 3), Tiles(64, 1, 8, 3)],
     "tf32": [Tiles(128, 1, 8, 3), Tiles(64, 1, 8, 3)],
-    "tf32/small-smem": [Tiles(64, 1, 8, 2)],
+    "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
+    "tf32x3/sm8x": [Tiles(32, 1, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
 

@@ -101,17 +101,18 @@ def head_forward_kernel(
 # compiles them all for sm_90 (the defaults without spills, shared memory within an H100's) and
 # bench/kernels.py times them. 16-bit: 128-pair tiles, two feature rows per tl.dot (K=128 for
 # B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
-# splits, so one row per dot. "/small-smem": for GPUs with about 100 KB of shared memory per
-# block (_common.table_key), where the symmetric defaults above do not fit; compile_check keeps
-# them within sm_86's 99 KB (untimed: no such GPU has run them).
+# splits, so one row per dot. "/sm8x": for GPUs without wgmma (_common.table_key), from the
+# sm_80 and sm_86 compiles (untimed: no such GPU has run them): one row per dot, as two spill or
+# overflow shared memory there.
 FORWARD_TILES = {
     "16bit": [Tiles(128, 2, 8, 3), Tiles(64, 2, 4, 3), Tiles(128, 4, 8, 2)],
-    "16bit/small-smem": [Tiles(128, 2, 8, 2), Tiles(64, 2, 4, 2)],
+    "16bit/sm8x": [Tiles(64, 1, 8, 3)],
     "tf32": [Tiles(128, 2, 8, 2), Tiles(64, 2, 4, 2)],
-    "tf32/small-smem": [Tiles(64, 1, 8, 2)],
+    "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
+    "tf32x3/sm8x": [Tiles(32, 1, 8, 2)],
     "fp64": [Tiles(64, 1, 4, 2)],
-    "fp64/small-smem": [Tiles(16, 1, 4, 2)],
+    "fp64/sm8x": [Tiles(16, 1, 4, 2)],
 }
 
 # Each split covers at least this many steps, so a program's pipeline has time to fill.
