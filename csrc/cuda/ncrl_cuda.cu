@@ -63,7 +63,7 @@ TilePlan tile_plan(const HeadSizes& s, int64_t value_bytes) {
 }
 
 constexpr int kWarp = 32;
-constexpr int kThreads = 256;  // element-wise kernels
+constexpr int kThreads = 256;  // per block: the loss rows (a thread per pair), at most for a gradient block
 // Grid-stride kernels never need more blocks than this to fill a GPU; it also keeps gridDim.x in
 // range for any amount of work.
 constexpr int64_t kMaxBlocks = 65536;
@@ -72,21 +72,30 @@ unsigned int elementwise_blocks(int64_t work) {
   return static_cast<unsigned int>(std::min((work + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// out[r, g*B*B + i*B + j] = feature of pair r in group g of the chunk at (i, j): hs_i * ts_j, or
-// max(hs_i ts_j, hs_j ts_i) when symmetric; the products in the accumulation type (fp32 for
-// 16-bit inputs), rounded once to T. h and t point at the chunk's first column of the first pair;
-// ld is their row stride (E).
+// Threads of a feature block: a warp along j, so that it writes consecutive features, and this many
+// warps along i. The indices come from the thread and block coordinates, with no per-element integer
+// division (64-bit division is dozens of instructions, more than a feature's arithmetic).
+constexpr int kFeatureRowsPerBlock = 8;
+
+// One block per (pair, group) of a slice: block b builds the b-th [B, B] block of out ([rows,
+// groups * B*B] row-major), pair b / groups and group b % groups of the chunk:
+// out[i*B + j] = hs_i * ts_j, or max(hs_i ts_j, hs_j ts_i) when symmetric; the products in the
+// accumulation type (fp32 for 16-bit inputs), rounded once to T. h and t point at the chunk's first
+// column of the slice's first pair; ld is their row stride (E).
 template <typename T>
-__global__ void build_features_kernel(const T* __restrict__ h, const T* __restrict__ t, int64_t ld, int64_t rows,
-                                      int64_t groups, int64_t B, bool symmetric, T* __restrict__ out) {
+__global__ void build_features_kernel(const T* __restrict__ h, const T* __restrict__ t, int64_t ld, int64_t groups,
+                                      int64_t B, bool symmetric, T* __restrict__ out) {
   using A = at::opmath_type<T>;
-  const int64_t BB = B * B, row_len = groups * BB, total = rows * row_len;
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = k / row_len, f = k % row_len, i = (f % BB) / B, j = k % B;
-    const T* hr = h + r * ld + (f / BB) * B;
-    const T* tr = t + r * ld + (f / BB) * B;
-    const A a_ij = A(hr[i]) * A(tr[j]);
-    out[k] = static_cast<T>(symmetric ? symmetric_feature(a_ij, A(hr[j]) * A(tr[i])) : a_ij);
+  const int64_t col = (blockIdx.x / groups) * ld + (blockIdx.x % groups) * B;
+  h += col;
+  t += col;
+  out += int64_t(blockIdx.x) * B * B;
+  for (int64_t i = threadIdx.y; i < B; i += blockDim.y) {
+    const A h_i = A(h[i]), t_i = A(t[i]);
+    for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
+      const A a_ij = h_i * A(t[j]);
+      out[i * B + j] = static_cast<T>(symmetric ? symmetric_feature(a_ij, A(h[j]) * t_i) : a_ij);
+    }
   }
 }
 
@@ -140,10 +149,10 @@ __global__ void loss_rows_kernel(LossParams params, const T* __restrict__ logits
 template <typename T>
 void build_features(const T* h, const T* t, const HeadSizes& s, int64_t rows, int64_t groups, bool symmetric,
                     T* out) {
-  const int64_t work = rows * groups * s.features();
-  if (work == 0) return;
-  build_features_kernel<T><<<elementwise_blocks(work), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      h, t, s.emb, rows, groups, s.block, symmetric, out);
+  if (rows * groups * s.features() == 0) return;
+  // rows * groups fits the workspace (<= 2^23 blocks for B >= 1), far below gridDim.x's limit.
+  build_features_kernel<T><<<static_cast<unsigned int>(rows * groups), dim3(kWarp, kFeatureRowsPerBlock), 0,
+                             at::cuda::getCurrentCUDAStream()>>>(h, t, s.emb, groups, s.block, symmetric, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
