@@ -10,6 +10,7 @@ returning ``(loss, logits)``. All of them are differentiable.
 Availability depends only on state fixed at import time (extension loaded, Triton installed,
 TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.compile``.
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -34,9 +35,16 @@ _REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 
 TRITON_MIN_CAPABILITY = (8, 0)
 
 
+def cuda_index(device):
+    """The index of CUDA `device` (the current device for a bare "cuda")."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
 def cuda_capability(index):
-    """(major, minor) compute capability of CUDA device `index`; a constant under torch.compile."""
+    """(major, minor) compute capability of CUDA device `index`, read once (every Triton launch asks);
+    a constant under torch.compile."""
     return torch.cuda.get_device_capability(index)
 
 
@@ -77,7 +85,7 @@ def unavailable_reason(name, device):
                 return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
             if not torch.cuda.is_available():
                 return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
-            major, minor = cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+            major, minor = cuda_capability(cuda_index(device))
             if (major, minor) < TRITON_MIN_CAPABILITY:
                 return (
                     f"the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or "

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import TRITON_INTERPRET, cuda_capability
+from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index
 
 # tl.dot needs every dimension of its operands to be at least 16.
 MIN_DOT = 16
@@ -97,8 +97,7 @@ def candidate_tiles(table, dtype, precision, device):
     configs), the default first; the interpreter's one config under TRITON_INTERPRET."""
     if TRITON_INTERPRET:
         return [INTERPRETER_TILES]
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return table[table_key(table, operand_kind(dtype, precision), cuda_capability(index))]
+    return table[table_key(table, operand_kind(dtype, precision), cuda_capability(cuda_index(device)))]
 
 
 def pick_tiles(table, dtype, precision, device):
@@ -120,7 +119,7 @@ def multiprocessors(device_index):
 def sm_count(device):
     if TRITON_INTERPRET:
         return INTERPRETER_SMS
-    return multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+    return multiprocessors(cuda_index(device))
 
 
 # fp32 matmul precision as a kernel constant. "ieee" is also what bf16/fp16 and fp64 operands

@@ -31,16 +31,18 @@ import sys
 import tempfile
 import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 from . import head_backward, head_forward, loss_rows
 from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step, table_key
 
-# Benchmark dtypes: (pointer type, precision). "fp32" is fp32 inputs at PyTorch's default
-# precision ("highest", run as 3xTF32), "tf32" with TF32 allowed.
-DTYPES = {"fp32": ("*fp32", TF32X3), "tf32": ("*fp32", TF32), "bf16": ("*bf16", IEEE), "fp16": ("*fp16", IEEE),
-          "fp64": ("*fp64", IEEE)}
+# Benchmark dtypes: (torch dtype, pointer type, precision). "fp32" is fp32 inputs at PyTorch's
+# default precision ("highest", run as 3xTF32), "tf32" with TF32 allowed.
+DTYPES = {"fp32": (torch.float32, "*fp32", TF32X3), "tf32": (torch.float32, "*fp32", TF32),
+          "bf16": (torch.bfloat16, "*bf16", IEEE), "fp16": (torch.float16, "*fp16", IEEE),
+          "fp64": (torch.float64, "*fp64", IEEE)}
 # Shared memory per block (opt-in maximum) of each target.
 # Shared memory per block (the opt-in limit) of the targets checked: A100, RTX 30xx/A10/A40, RTX
 # 40xx/L4/L40S, H100/H200.
@@ -56,11 +58,11 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     """(name, kernel, pointer types (None: argument not passed), constexprs, configs) of every
     kernel variant the backend launches for inputs of `dtype` on sm_`arch` (whose compute
     capability picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
-    ptr, precision = DTYPES[dtype]
+    torch_dtype, ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
     shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
                  COMPUTE_FP64=dtype == "fp64")
-    backward = dict(K_MAJOR=ptr == "*fp32")  # head_backward.k_major
+    backward = dict(K_MAJOR=head_backward.k_major(torch_dtype))
     kind = kind_of(dtype)
 
     def tiles(table):
