@@ -36,10 +36,12 @@ test: install
 	$(VPY) -m pytest -q
 
 # DocRED-shaped benchmark of every fused backend available here against the unfused eager
-# reference and torch.compile of it; appends to bench/results/<device>.csv and plots it.
+# reference and torch.compile of it; appends to bench/results/<device>.csv and plots it. Then the
+# host time of a fused step by call path (bench/results/<device>-host-path.csv).
 bench: install
 	$(VPY) bench/run.py
 	$(VPY) bench/plot.py
+	$(VPY) bench/host_path.py
 
 plot: install
 	$(VPY) bench/plot.py

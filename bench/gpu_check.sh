@@ -9,7 +9,8 @@
 #   2. decisive: N=4096 forward + backward, bf16 autocast and fp32 with TF32 on both sides
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
 #      eager, compiled and gemm-bound, time and peak memory, rows appended case by case; then
-#      where a fused step's time goes (bench/step_profile.py: GPU kernels against host time),
+#      where a fused step's time goes (bench/step_profile.py: GPU kernels against host time) and
+#      what each call path costs the host (bench/host_path.py),
 #   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32),
 #   4. once the build is done: the other GPU tests and the fused-cuda rows at N=4096,
 #   5. N=1024 and 16384 (fwd, bwd, fwd_bwd), bf16 and TF32, then IEEE fp32 at N=4096,
@@ -131,6 +132,8 @@ for provider in fused-triton compiled; do
     from_source run_for $(( $(left) - 340 )) 12 "$LOGS/step-profile.log" "$PY" bench/step_profile.py --n 4096 \
         --dtype bf16 --provider $provider
 done
+from_source run_for $(( $(left) - 330 )) 10 "$LOGS/host-path.log" "$PY" bench/host_path.py
+note "host time per step by call path (bench/host_path.py): status $? -> bench/results/$GPU-host-path.csv"
 
 phase "Triton GPU tests: tests/test_triton.py -m gpu"
 run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...
@@ -189,6 +192,7 @@ for log in bench-bf16 bench-fp32-tf32 bench-fp32; do
     fi
 done
 grep -h "per step" "$LOGS/step-profile.log" 2>/dev/null | sed 's/^/  /'
+grep -h "^triton\|^extension" "$LOGS/host-path.log" 2>/dev/null | sed 's/^/  host path: /'
 grep -h "of the step\|faster than eager" "$LOGS/atlop-step.log" 2>/dev/null | sed 's/^/  /'
 echo "  total $(elapsed)s"
 
@@ -197,6 +201,7 @@ if [[ -n "${OUT:-}" && $DRY != 1 ]]; then
     [[ -f "bench/results/$GPU.csv" ]] && cp -f "bench/results/$GPU.csv" "$OUT/"
     [[ -f "bench/results/$GPU-kernels.csv" ]] && cp -f "bench/results/$GPU-kernels.csv" "$OUT/"
     [[ -f "bench/results/$GPU-atlop-step.csv" ]] && cp -f "bench/results/$GPU-atlop-step.csv" "$OUT/"
+    [[ -f "bench/results/$GPU-host-path.csv" ]] && cp -f "bench/results/$GPU-host-path.csv" "$OUT/"
     [[ -f "bench/results/tf32/$GPU.csv" ]] && cp -f "bench/results/tf32/$GPU.csv" "$OUT/tf32-$GPU.csv"
     for line in "${SUMMARY[@]}"; do echo "$line"; done >"$OUT/summary.txt"
     # Everything else, the CSVs included in case the device name above was not found.

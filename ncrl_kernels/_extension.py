@@ -37,21 +37,25 @@ if LOAD_ERROR is None:
             f"ncrl_kernels::{name}", backward, setup_context=setup),
         torch.ops.ncrl_kernels.head_backward,
     )
+    # Eager calls run the ops inside autograd.Functions, with grad mode off (the op's registered
+    # autograd then only redispatches to the C++ kernel); torch.compile traces the ops.
+    _OPS = {name: getattr(torch.ops.ncrl_kernels, name) for name in ("head_forward", "loss_forward", "fused_forward")}
+    _FAMILY = _op_autograd.OpFamily(_OPS, _OPS, torch.ops.ncrl_kernels.head_backward)
 
 
 # Backend functions (arguments already validated, labels already float).
 
 
 def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    return torch.ops.ncrl_kernels.head_forward(hs, ts, weight, bias, block_size, symmetric)
+    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric)
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
-    return torch.ops.ncrl_kernels.loss_forward(logits, labels, loss, float(gamma), margin_reg, reduction)[0]
+    return _FAMILY("loss_forward", logits, labels, loss, float(gamma), margin_reg, reduction)[0]
 
 
 def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
-    value, logits, _ = torch.ops.ncrl_kernels.fused_forward(
-        hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma), margin_reg, reduction
+    value, logits, _ = _FAMILY(
+        "fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma), margin_reg, reduction
     )
     return value, logits

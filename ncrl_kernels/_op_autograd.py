@@ -9,7 +9,12 @@
 Forward ops return d loss / d logits along with the loss, so a backward only scales it by the
 incoming gradient and runs the head backward, which recomputes the feature tiles. Nothing but
 the inputs and d loss / d logits ([N, C]) is saved.
+
+Eager calls skip the operator machinery (``OpFamily``): the same kernels and the same autograd
+formulas run as a plain ``torch.autograd.Function``; ``torch.compile`` traces the operators.
 """
+import torch
+
 from .reference import loss_dtype
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
@@ -111,3 +116,46 @@ def register_autograd(register, head_backward):
     register("head_forward", head_backward_fn, head_setup)
     register("loss_forward", loss_backward_fn, loss_setup)
     register("fused_forward", fused_backward_fn, fused_setup)
+
+
+def autograd_functions(forwards, head_backward):
+    """``torch.autograd.Function``s with the formulas ``register_autograd`` gives the operators:
+    name -> Function whose forward is ``forwards[name]`` (the op's implementation, taking the op's
+    arguments); ``head_backward`` is the implementation of the family's head backward op."""
+    functions = {}
+
+    def register(name, backward, setup_context):
+        impl = forwards[name]
+
+        # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds
+        # its arguments through inspect.signature on every call.
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        functions[name] = type(f"{name}_function", (torch.autograd.Function,),
+                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    register_autograd(register, head_backward)
+    return functions
+
+
+class OpFamily:
+    """One family's differentiable ops (head_forward, loss_forward, fused_forward), called the
+    cheapest correct way. Eager calls: autograd.Functions around the implementations. A custom
+    op's Python autograd layer (dispatch, arguments rebuilt from the schema, a generated
+    autograd.Function inside) costs the host nearly as much as the rest of the step: a Triton fused
+    forward + backward with its launches stubbed out took 291 us through the operator and 164 us
+    through the Function (bench/host_path.py on a 2-core x86 CPU), and at DocRED's sizes a GPU runs
+    the step's kernels faster than the host issues them (docs/triton.md). Under torch.compile (and
+    export): the registered operators, which Dynamo and Inductor see whole."""
+
+    def __init__(self, ops, forwards, head_backward):
+        self.ops = ops
+        self.functions = autograd_functions(forwards, head_backward)
+
+    def __call__(self, name, *args):
+        if torch.compiler.is_compiling():
+            return self.ops[name](*args)
+        return self.functions[name].apply(*args)

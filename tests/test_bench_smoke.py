@@ -78,3 +78,19 @@ def test_atlop_step_runs(tmp_path):
         (f"atlop_step_{batch}", provider) for batch in ("docred", "pairs")
         for provider in ("fused-cpp", "eager", "encoder-only")}
     assert all(r["ms_p50"] > 0 for r in rows)
+
+
+def test_host_path_runs(tmp_path):
+    """bench/host_path.py end to end, in its own process (it sets TRITON_INTERPRET and stubs the
+    Triton launches): a row per (family, call path) of every family available here."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "host_path.py"), "--steps", "2", "--repeats", "2",
+                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("*-host-path.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["family"], r["path"]) for r in rows} >= {("extension", p) for p in ("api", "function", "operator")}
+    assert all(float(r["host_us_p50"]) > 0 for r in rows)
+    assert all(r["launches"] == "4" for r in rows if r["family"] == "triton")

@@ -10,7 +10,8 @@ import torch
 import ncrl_kernels
 from ncrl_kernels import _extension
 
-from conftest import all_backends, assert_close, fp64, fused_backends, leaves, make_head_inputs, make_logits
+from conftest import (all_backends, assert_close, fp64, fused_backends, leaves, make_head_inputs, make_logits,
+                      upstream)
 
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
@@ -62,6 +63,68 @@ def test_opcheck(device, family, symmetric, reduction):
         torch.library.opcheck(loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
         torch.library.opcheck(fused_forward,
                               (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05, True, reduction, *extra))
+
+
+def family_routes(family):
+    """The family's OpFamily: eager calls take its autograd.Functions, torch.compile its ops."""
+    if family == "extension":
+        return _extension._FAMILY
+    from ncrl_kernels.triton_kernels import backend
+
+    return backend._FAMILY
+
+
+@pytest.mark.parametrize("device,family", op_families())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_function_matches_operator(device, family, reduction):
+    """The autograd.Function that eager calls take and the registered operator (with its registered
+    autograd) give the same bits, forward and backward, for the three differentiable ops."""
+    routes = family_routes(family)
+    extra = family_ops(family)[1]
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
+    grad_logits = make_logits(20, 5, device=device)
+    calls = {
+        "head_forward": lambda h, t, w, b: (h, t, w, b, 4, True, *extra),
+        "fused_forward": lambda h, t, w, b: (h, t, w, b, labels, 4, True, "ncrl", 0.05, True, reduction, *extra),
+    }
+    for name, make_args in calls.items():
+        results = []
+        for run in (routes.functions[name].apply, routes.ops[name]):
+            inputs = leaves(hs, ts, weight, bias)
+            out = run(*make_args(*inputs))
+            value = out if name == "head_forward" else out[0]
+            grads = torch.autograd.grad(value, inputs, upstream(value))
+            results.append((*(out if isinstance(out, tuple) else (out,)), *grads))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), name
+    logits = leaves(grad_logits)[0]
+    results = []
+    for run in (routes.functions["loss_forward"].apply, routes.ops["loss_forward"]):
+        x = logits.detach().clone().requires_grad_()
+        value, dlogits = run(x, labels, "atl", 0.0, False, reduction)
+        results.append((value, dlogits, *torch.autograd.grad(value, x, upstream(value))))
+    for got, want in zip(*results):
+        assert torch.equal(got, want), "loss_forward"
+
+
+@pytest.mark.parametrize("device,family", op_families())
+def test_compile_traces_the_operator(device, family):
+    """Under torch.compile the graph holds the registered operator (which Inductor sees whole), not
+    the eager autograd.Function."""
+    torch._dynamo.reset()
+    hs, ts, weight, bias, labels = make_head_inputs(8, 16, 4, 5, device=device)
+    backend = "triton" if family == "triton" else ("cpp" if device == "cpu" else "cuda")
+    targets = set()
+
+    def record(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda *a: ncrl_kernels.fused_ncrl(*a, labels, block_size=4, backend=backend),
+                       fullgraph=True, backend=record)
+    fn(*leaves(hs, ts, weight, bias)).backward()
+    name = "ncrl_kernels.triton_fused_forward" if family == "triton" else "ncrl_kernels.fused_forward"
+    assert any(target.startswith(name) for target in targets), sorted(targets)
 
 
 @pytest.mark.parametrize("device", extension_devices())

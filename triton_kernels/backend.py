@@ -131,20 +131,24 @@ _OPS = {"head_forward": head_forward, "loss_forward": loss_forward, "fused_forwa
 _op_autograd.register_autograd(
     lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup), head_backward
 )
+_FAMILY = _op_autograd.OpFamily(
+    _OPS, {"head_forward": _head_forward, "loss_forward": _loss_forward, "fused_forward": _fused_forward},
+    _head_backward,
+)
 
 
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
 
 
 def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    return head_forward(hs, ts, weight, bias, block_size, symmetric, precision_for(hs.dtype))
+    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric, precision_for(hs.dtype))
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
-    return loss_forward(logits, labels, loss, float(gamma), margin_reg, reduction)[0]
+    return _FAMILY("loss_forward", logits, labels, loss, float(gamma), margin_reg, reduction)[0]
 
 
 def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
-    value, logits, _ = fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma),
-                                     margin_reg, reduction, precision_for(hs.dtype))
+    value, logits, _ = _FAMILY("fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss,
+                               float(gamma), margin_reg, reduction, precision_for(hs.dtype))
     return value, logits

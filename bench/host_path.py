@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""What issuing one fused forward + backward costs the host (CPU time, kernels aside), and through
+which layer: at DocRED's sizes a GPU runs the step's kernels faster than Python issues them
+(docs/triton.md, "Where the time goes"), so this is the step's wall time there.
+
+Each backend family is called three ways, same arguments, same kernels:
+
+- ``api``: ``ncrl_kernels.fused_ncrl`` (validation, dispatch, then the next row's path);
+- ``function``: the family's ``torch.autograd.Function``, which eager calls take;
+- ``operator``: the family's registered ``torch.library`` operator with its registered autograd,
+  which torch.compile traces (and which eager calls took before the Functions).
+
+On a GPU the kernels launch for real at N=1024 (less GPU work than host work, so the loop, which
+does not wait for the GPU, measures the host). On a CPU, the Triton
+family runs with its launches replaced by no-ops (under TRITON_INTERPRET=1, which this script
+sets) and the C++ family runs its kernels at a tiny shape; the host path does not depend on the
+shape. ``launches`` counts the Triton launches of a step (CPU only).
+
+    python bench/host_path.py            # CUDA if available, else CPU
+
+Rows go to bench/results/<device>-host-path.csv.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by ncrl_kernels)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import ncrl_kernels  # noqa: E402
+from ncrl_kernels import _dispatch  # noqa: E402
+
+COLUMNS = ["family", "path", "dtype", "n_pairs", "emb", "block", "classes", "host_us_p50", "host_us_p20",
+           "host_us_p80", "launches", "device", "commit", "timestamp"]
+PATHS = ("api", "function", "operator")
+
+
+class NoLaunch:
+    """Stands in for wrap_triton(kernel)[grid] on the CPU: counts launches, runs nothing."""
+
+    launches = 0
+
+    def __init__(self, kernel):
+        pass
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            NoLaunch.launches += 1
+        return launch
+
+
+def stub_triton_launches():
+    from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
+
+    for module in (head_forward, head_backward, loss_rows):
+        module.wrap_triton = NoLaunch
+
+
+def family_of(backend):
+    """(backend name, the backend module's OpFamily)."""
+    return _dispatch.resolve(backend, DEVICE)._FAMILY
+
+
+def make_step(backend, path, inputs, block, extra):
+    hs, ts, weight, bias, labels = inputs
+    family = family_of(backend)
+    args = (hs, ts, weight, bias, labels, block, False, "ncrl", 0.0, True, "mean", *extra)
+    if path == "api":
+        def forward():
+            return ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=block, backend=backend)
+    elif path == "function":
+        def forward():
+            return family.functions["fused_forward"].apply(*args)[0]
+    else:
+        def forward():
+            return family.ops["fused_forward"](*args)[0]
+
+    def step():
+        for x in (hs, ts, weight, bias):
+            x.grad = None
+        forward().backward()
+    return step
+
+
+def host_us(step, steps, repeats):
+    """Median, 20th and 80th percentile host time per step in microseconds, over `repeats` runs of
+    `steps` steps issued back to back (the GPU, if any, drains between runs)."""
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        harness.synchronize(DEVICE)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) * 1e6 / steps)
+    harness.synchronize(DEVICE)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def cases():
+    """(family, backend, dtype, shape) measured on this device."""
+    if DEVICE.type == "cuda":
+        return [(name, name, dtype, (1024, 768, 64, 97)) for name in ("triton", "cuda")
+                for dtype in (torch.bfloat16, torch.float32) if name in ncrl_kernels.available_backends(DEVICE)]
+    found = []
+    if "triton" in ncrl_kernels.available_backends(DEVICE):
+        found.append(("triton", "triton", torch.bfloat16, (64, 768, 64, 97)))  # launches stubbed: any size
+    if "cpp" in ncrl_kernels.available_backends(DEVICE):
+        found.append(("extension", "cpp", torch.float32, (8, 64, 8, 97)))  # real kernels: a tiny shape
+    return found
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--results", default=harness.RESULTS_DIR)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if DEVICE.type == "cpu":
+        stub_triton_launches()
+    name, commit, stamp = harness.device_name(DEVICE), harness.git_commit(), harness.timestamp()
+    rows = []
+    print(f"{'family':<10} {'path':<9} {'dtype':<9} {'N':>5}  {'host us/step (p20-p80)':>24}  launches")
+    for family, backend, dtype, (n, emb, block, classes) in cases():
+        hs = torch.randn(n, emb, device=DEVICE, dtype=dtype, requires_grad=True)
+        ts = torch.randn(n, emb, device=DEVICE, dtype=dtype, requires_grad=True)
+        weight = torch.randn(classes, emb * block, device=DEVICE, dtype=dtype).mul_(0.01).requires_grad_()
+        bias = torch.zeros(classes, device=DEVICE, requires_grad=True)
+        labels = torch.zeros(n, classes, device=DEVICE)
+        labels[:, 0] = 1
+        extra = (ncrl_kernels.triton_kernels.backend.precision_for(dtype),) if family == "triton" else ()
+        for path in PATHS:
+            step = make_step(backend, path, (hs, ts, weight, bias, labels), block, extra)
+            p50, p20, p80 = host_us(step, args.steps, args.repeats)
+            NoLaunch.launches = 0
+            step()
+            launches = NoLaunch.launches if family == "triton" and DEVICE.type == "cpu" else ""
+            dtype_name = str(dtype).removeprefix("torch.")
+            print(f"{family:<10} {path:<9} {dtype_name:<9} {n:>5}  {f'{p50:.0f} ({p20:.0f}-{p80:.0f})':>24}  {launches:>8}")
+            rows.append(dict(family=family, path=path, dtype=dtype_name, n_pairs=n, emb=emb, block=block,
+                             classes=classes, host_us_p50=round(p50, 1), host_us_p20=round(p20, 1),
+                             host_us_p80=round(p80, 1), launches=launches, device=name, commit=commit,
+                             timestamp=stamp))
+    path = harness.append_rows(rows, DEVICE, args.results, suffix="-host-path", columns=COLUMNS)
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
