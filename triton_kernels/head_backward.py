@@ -36,9 +36,10 @@ from .head_forward import rows_of, weight_rows_at
 
 @triton.jit
 def kron_rows_t(hs, ts, ns, n_ok, s0, g, E: tl.constexpr, B: tl.constexpr, SYMMETRIC: tl.constexpr,
-                COMPUTE: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
-    """The transpose of head_forward.kron_rows: ``[ROWS, BLOCK_J, BLOCK_N]``, feature rows
-    s0 + r, columns j, pairs ns."""
+                COMPUTE: tl.constexpr, OPERAND: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+    """The transpose of head_forward.kron_rows: ``[ROWS, BLOCK_J, BLOCK_N]`` in the dot's operand
+    dtype, feature rows s0 + r, columns j, pairs ns; products rounded to the operand dtype before
+    the symmetric max, as there."""
     rs = tl.arange(0, ROWS)
     js = tl.arange(0, BLOCK_J)
     group_ok = (js[:, None] < B) & n_ok[None, :]
@@ -46,11 +47,11 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, E: tl.constexpr, B: tl.constexpr, SYMME
     at_rows = ns[None, :] * E + s0 + rs[:, None]
     t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(COMPUTE)
     h_rows = tl.load(hs + at_rows, mask=n_ok[None, :], other=0.0).to(COMPUTE)
-    x = h_rows[:, None, :] * t_group[None, :, :]
+    x = (h_rows[:, None, :] * t_group[None, :, :]).to(OPERAND)
     if SYMMETRIC:
         h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(COMPUTE)
         t_rows = tl.load(ts + at_rows, mask=n_ok[None, :], other=0.0).to(COMPUTE)
-        x = tl.maximum(x, t_rows[:, None, :] * h_group[None, :, :])
+        x = tl.maximum(x, (t_rows[:, None, :] * h_group[None, :, :]).to(OPERAND)).to(OPERAND)
     return x
 
 
@@ -71,7 +72,7 @@ def weight_grad_kernel(
         ns = first + tl.arange(0, BLOCK_N)
         n_ok = ns < N
         ns = ns.to(tl.int64)
-        x = kron_rows_t(hs, ts, ns, n_ok, s0, g, E, B, SYMMETRIC, COMPUTE, BLOCK_J, ROWS)
+        x = kron_rows_t(hs, ts, ns, n_ok, s0, g, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty, BLOCK_J, ROWS)
         if K_MAJOR:
             # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to a
             # multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would split
@@ -79,7 +80,7 @@ def weight_grad_kernel(
             grad_tile = tl.load(grad + cs[None, :] * grad_stride + ns[:, None])
         else:  # grad is [N, BLOCK_C]
             grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
-        acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]).to(grad_tile.dtype), grad_tile, acc, PRECISION)
+        acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]), grad_tile, acc, PRECISION)
     k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
     at = cs.to(tl.int64)[None, :] * (E * B) + s0 * B + k_at[:, None]
     tl.store(dweight + at, acc.to(dweight.dtype.element_ty), mask=k_ok[:, None] & (cs[None, :] < C))
