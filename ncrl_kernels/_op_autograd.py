@@ -141,6 +141,11 @@ def autograd_functions(forwards, head_backward):
     return functions
 
 
+# Tensors the eager route takes; any other (FakeTensor, DTensor, ...) is a subclass that
+# dispatches ops, so it gets the operators.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class OpFamily:
     """One family's differentiable ops (head_forward, loss_forward, fused_forward), called the
     cheapest correct way. Eager calls: autograd.Functions around the implementations. A custom
@@ -148,14 +153,21 @@ class OpFamily:
     autograd.Function inside) costs the host nearly as much as the rest of the step: a Triton fused
     forward + backward with its launches stubbed out took 291 us through the operator and 164 us
     through the Function (bench/host_path.py on a 2-core x86 CPU), and at DocRED's sizes a GPU runs
-    the step's kernels faster than the host issues them (docs/triton.md). Under torch.compile (and
-    export): the registered operators, which Dynamo and Inductor see whole."""
+    the step's kernels faster than the host issues them (docs/triton.md). Whenever something
+    works on ops rather than kernels, the registered operators, with their fake kernels:
+    torch.compile and export (Dynamo and Inductor see them whole), a TorchDispatchMode
+    (FakeTensorMode, FlopCounterMode...) and tensor subclasses (FakeTensor, DTensor...)."""
 
     def __init__(self, ops, forwards, head_backward):
         self.ops = ops
         self.functions = autograd_functions(forwards, head_backward)
 
     def __call__(self, name, *args):
-        if torch.compiler.is_compiling():
+        if self.dispatches_ops(args):
             return self.ops[name](*args)
         return self.functions[name].apply(*args)
+
+    @staticmethod
+    def dispatches_ops(args):
+        return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args))

@@ -127,6 +127,24 @@ def test_compile_traces_the_operator(device, family):
     assert any(target.startswith(name) for target in targets), sorted(targets)
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_fake_tensor_mode(device, backend):
+    """Under FakeTensorMode (shape inference, memory planning) the fused ops run their fake
+    kernels: no kernel sees a fake tensor, forward or backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        hs, ts, weight, bias, labels = make_head_inputs(6, 16, 4, 3, device=device)
+        hs, ts, weight, bias = leaves(hs, ts, weight, bias)
+        loss, logits = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, reduction="none",
+                                               return_logits=True, backend=backend)
+        loss.sum().backward()
+        head = ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend=backend)
+        assert ncrl_kernels.ncrl_loss(head, labels, backend=backend).shape == ()
+    assert loss.shape == (6,) and logits.shape == head.shape == (6, 3)
+    assert hs.grad.shape == hs.shape and weight.grad.shape == weight.shape and bias.grad.shape == (3,)
+
+
 @pytest.mark.parametrize("device", extension_devices())
 def test_extension_gradcheck(device):
     hs, ts, weight, bias, labels = make_head_inputs(7, 8, 4, 3, dtype=torch.float64, device=device)
