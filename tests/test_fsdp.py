@@ -3,6 +3,7 @@ across ranks and gathered for the wrapped module's forward, where the fused op r
 gradients equal one process computing the mean of the ranks' losses, also when a rank has no
 pairs (N = 0)."""
 import datetime
+import os
 import socket
 
 import torch
@@ -62,6 +63,10 @@ def fsdp_worker(rank, port, out_dir):
             torch.save(per_step, f"{out_dir}/fsdp.pt")
     finally:
         dist.destroy_process_group()
+    # About 1 run in 10 aborted after this point, in the interpreter's teardown, after both ranks had
+    # destroyed the process group ("terminate called without an active exception"; also at
+    # edc093e): the results are saved, so leave without the teardown.
+    os._exit(0)
 
 
 def test_fsdp_gradients_equal_single_process(tmp_path):
