@@ -154,7 +154,12 @@ def input_grad_kernel(
             # to_hi_tj flows to hs_i * ts_j, the rest to hs_j * ts_i.
             a_ij = h_rows[:, :, None] * t_group.to(COMPUTE)[:, None, :]
             a_ji = t_rows[:, :, None] * h_group.to(COMPUTE)[:, None, :]
-            to_hi_tj = tl.where(a_ij > a_ji, d, tl.where(a_ij < a_ji, 0.0, 0.5 * d))
+            # The share (1, 0 or 1/2) as arithmetic on 0/1 values rather than nested tl.where:
+            # a tile's worth of predicates ran out and was parked bit by bit in registers (sm_90
+            # SASS per step and thread, Triton 3.6: bf16 815 -> 678 instructions, TF32 913 -> 704).
+            # Exact for finite d (d * 1, d * 0, d * 0.5); an infinite d now gives NaN on both routes.
+            share = 0.5 + 0.5 * ((a_ij > a_ji).to(COMPUTE) - (a_ij < a_ji).to(COMPUTE))
+            to_hi_tj = d * share
             to_hj_ti = d - to_hi_tj
             dh += tl.sum(to_hj_ti * t_rows[:, :, None], axis=1)
             dt += scatter_columns(tl.sum(to_hj_ti * h_group.to(COMPUTE)[:, None, :], axis=2), i0, BLOCK_J)
