@@ -2,6 +2,7 @@
 gradients of one process computing the mean of the two ranks' losses, including a step where one
 rank's documents have no entity pairs (N = 0)."""
 import datetime
+import os
 import socket
 
 import pytest
@@ -53,6 +54,10 @@ def ddp_worker(rank, port, steps, model_args, out_dir):
         torch.save(per_step, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # About 1 run in 10 hung in the interpreter's teardown (also at edc093e): the main thread,
+    # finalising, destroys DDP's reducer and joins a gloo thread that waits for the GIL to free a
+    # Python object. The results are saved, so leave without the teardown.
+    os._exit(0)
 
 
 def free_port():

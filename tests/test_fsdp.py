@@ -65,7 +65,8 @@ def fsdp_worker(rank, port, out_dir):
         dist.destroy_process_group()
     # About 1 run in 10 aborted after this point, in the interpreter's teardown, after both ranks had
     # destroyed the process group ("terminate called without an active exception"; also at
-    # edc093e): the results are saved, so leave without the teardown.
+    # edc093e; test_atlop_ddp's workers hung there instead): the results are saved, so leave
+    # without the teardown.
     os._exit(0)
 
 
