@@ -15,7 +15,9 @@ On CUDA they are ``torch.library.triton_op``s whose kernels are launched through
 so ``torch.compile`` traces into them (no graph break; Inductor sees the kernels). Under the
 Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``wrap_triton`` cannot trace interpreted
 kernels, so the same functions are registered as opaque ``custom_op``s with explicit fake
-kernels; everything else is identical.
+kernels; everything else is identical. Eager calls run the same functions as
+``torch.autograd.Function``s instead (``_FAMILY``; see ``_op_autograd.OpFamily``): the operators'
+Python autograd layer cost the host nearly as much as the rest of a step.
 
 fp32 matmuls run as TF32 where PyTorch allows TF32 for matmuls, else as 3xTF32
 (``_common.fp32_matmul_precision``); the setting is read when the op is called and passed to the
