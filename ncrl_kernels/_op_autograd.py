@@ -121,7 +121,7 @@ def register_autograd(register, head_backward):
 def autograd_functions(forwards, head_backward):
     """``torch.autograd.Function``s with the formulas ``register_autograd`` gives the operators:
     name -> Function whose forward is ``forwards[name]`` (the op's implementation, taking the op's
-    arguments); ``head_backward`` is the implementation of the family's head backward op."""
+    arguments); their backward calls ``head_backward``."""
     functions = {}
 
     def register(name, backward, setup_context):
@@ -134,8 +134,19 @@ def autograd_functions(forwards, head_backward):
             setup_context(ctx, args, output)
             return output
 
+        # A backward that is to be differentiated again (create_graph) is refused: the gradients
+        # come from kernels, or (the loss) from d loss / d logits saved as a constant, so their own
+        # derivatives would silently be missing.
+        def first_order_backward(ctx, *grads):
+            if torch.is_grad_enabled() and not dispatches_ops(grads):
+                raise RuntimeError(
+                    "ncrl_kernels' fused ops have first derivatives only: their backward cannot be "
+                    "differentiated again (create_graph=True, double backward, gradient penalties); use "
+                    "backend='reference' for that")
+            return backward(ctx, *grads)
+
         functions[name] = type(f"{name}_function", (torch.autograd.Function,),
-                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                               {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward)})
 
     register_autograd(register, head_backward)
     return functions
@@ -146,28 +157,40 @@ def autograd_functions(forwards, head_backward):
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def dispatches_ops(args):
+    """Whether something works on ops rather than kernels here: torch.compile and export, compiled
+    autograd, torch.jit.trace, a TorchDispatchMode (FakeTensorMode, FlopCounterMode...), a functorch
+    transform (vmap, grad) or tensor subclasses (FakeTensor, DTensor...) among `args`."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()
+            or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args))
+
+
 class OpFamily:
-    """One family's differentiable ops (head_forward, loss_forward, fused_forward), called the
+    """One family's ops (head_forward, loss_forward, fused_forward and head_backward), called the
     cheapest correct way. Eager calls: autograd.Functions around the implementations. A custom
     op's Python autograd layer (dispatch, arguments rebuilt from the schema, a generated
     autograd.Function inside) costs the host nearly as much as the rest of the step: a Triton fused
     forward + backward with its launches stubbed out took 291 us through the operator and 164 us
     through the Function (bench/host_path.py on a 2-core x86 CPU), and at DocRED's sizes a GPU runs
-    the step's kernels faster than the host issues them (docs/triton.md). Whenever something
-    works on ops rather than kernels, the registered operators, with their fake kernels:
-    torch.compile and export (Dynamo and Inductor see them whole), a TorchDispatchMode
-    (FakeTensorMode, FlopCounterMode...) and tensor subclasses (FakeTensor, DTensor...)."""
+    the step's kernels faster than the host issues them (docs/triton.md). Wherever something
+    works on ops rather than kernels (``dispatches_ops``), the registered operators, with their
+    fake kernels and autograd, so the behaviour there is the operators'.
 
-    def __init__(self, ops, forwards, head_backward):
-        self.ops = ops
-        self.functions = autograd_functions(forwards, head_backward)
+    ``ops``, ``impls``: name -> the registered operator, its implementation."""
+
+    def __init__(self, ops, impls):
+        self.ops, self.impls = ops, impls
+        self.functions = autograd_functions(impls, self.head_backward)
 
     def __call__(self, name, *args):
-        if self.dispatches_ops(args):
+        if dispatches_ops(args):
             return self.ops[name](*args)
         return self.functions[name].apply(*args)
 
-    @staticmethod
-    def dispatches_ops(args):
-        return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args))
+    def head_backward(self, grad_logits, *args):
+        """The head backward a Function's backward runs: the operator where that backward is batched
+        (is_grads_batched, jacobian(vectorize=True)) or traced, else the implementation."""
+        if torch._C._functorch.is_legacy_batchedtensor(grad_logits) or dispatches_ops((grad_logits, *args)):
+            return self.ops["head_backward"](grad_logits, *args)
+        return self.impls["head_backward"](grad_logits, *args)

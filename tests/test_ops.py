@@ -145,6 +145,44 @@ def test_fake_tensor_mode(device, backend):
     assert hs.grad.shape == hs.shape and weight.grad.shape == weight.shape and bias.grad.shape == (3,)
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_double_backward_is_refused(device, backend):
+    """The fused ops have first derivatives only: differentiating their backward again (here a
+    gradient penalty) raises and says so, for the head, the fused op and the loss alone, rather
+    than silently leaving out the second-order terms."""
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    calls = {
+        "fused": lambda h, t, w: ncrl_kernels.fused_ncrl(h, t, w, bias, labels, block_size=4, backend=backend),
+        "head": lambda h, t, w: ncrl_kernels.group_bilinear(h, t, w, bias, block_size=4, backend=backend).sum(),
+        "loss": lambda h, t, w: ncrl_kernels.ncrl_loss(ncrl_kernels.group_bilinear(h, t, w, bias, block_size=4),
+                                                       labels, backend=backend),
+    }
+    for name, call in calls.items():
+        h, t, w = leaves(hs, ts, weight)
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            grads = torch.autograd.grad(call(h, t, w), (h, t, w), create_graph=True)
+            sum((g ** 2).sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_batched_gradients_and_vmap(device, backend):
+    """torch.autograd.grad(is_grads_batched=True) (what jacobian(vectorize=True) uses) and
+    torch.vmap over the head give what a loop over the batch gives."""
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    h, t, w = leaves(hs, ts, weight)
+    per_pair = ncrl_kernels.fused_ncrl(h, t, w, bias, labels, block_size=4, reduction="none", backend=backend)
+    seeds = torch.eye(6, device=device)
+    (batched,) = torch.autograd.grad(per_pair, w, seeds, is_grads_batched=True, retain_graph=True)
+    for row, seed in enumerate(seeds):
+        (want,) = torch.autograd.grad(per_pair, w, seed, retain_graph=True)
+        assert_close(batched[row], want, torch.float32, f"batched grad row {row}")
+    stacked = torch.stack([hs, ts.flip(0)])
+    got = torch.vmap(lambda x: ncrl_kernels.group_bilinear(x, x, weight, bias, block_size=4, backend=backend))(stacked)
+    for i, x in enumerate(stacked):
+        assert_close(got[i], ncrl_kernels.group_bilinear(x, x, weight, bias, block_size=4, backend=backend),
+                     torch.float32, "vmap")
+
+
 @pytest.mark.parametrize("device", extension_devices())
 def test_extension_gradcheck(device):
     hs, ts, weight, bias, labels = make_head_inputs(7, 8, 4, 3, dtype=torch.float64, device=device)

@@ -129,14 +129,13 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
 
 fused_forward = _define("fused_forward", _fused_forward)
 
-_OPS = {"head_forward": head_forward, "loss_forward": loss_forward, "fused_forward": fused_forward}
+_OPS = {"head_forward": head_forward, "loss_forward": loss_forward, "fused_forward": fused_forward,
+        "head_backward": head_backward}
 _op_autograd.register_autograd(
     lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup), head_backward
 )
-_FAMILY = _op_autograd.OpFamily(
-    _OPS, {"head_forward": _head_forward, "loss_forward": _loss_forward, "fused_forward": _fused_forward},
-    _head_backward,
-)
+_FAMILY = _op_autograd.OpFamily(_OPS, {"head_forward": _head_forward, "loss_forward": _loss_forward,
+                                       "fused_forward": _fused_forward, "head_backward": _head_backward})
 
 
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
