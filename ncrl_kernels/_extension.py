@@ -30,8 +30,8 @@ def has_kernel(dispatch_key):
 
 
 def _below_autograd(op):
-    """`op` straight to its C++ kernel, past its registered Python autograd (which, with grad mode
-    off, would only redispatch there; this halved the host time of a call, 37 -> 19 us): what
+    """`op` straight to its C++ kernel, past its registered Python autograd, which with grad mode
+    off would only redispatch there (13-18 us of host time per call on this project's CPU): what
     eager calls' autograd.Functions run (_op_autograd.OpFamily)."""
 
     def call(*args):
