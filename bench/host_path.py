@@ -65,7 +65,7 @@ def stub_triton_launches():
 
 
 def family_of(backend):
-    """(backend name, the backend module's OpFamily)."""
+    """The OpFamily of `backend`'s module."""
     return _dispatch.resolve(backend, DEVICE)._FAMILY
 
 

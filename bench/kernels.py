@@ -89,8 +89,6 @@ def make_inputs(n, emb, block, classes, dtype, device, seed=0):
     return Inputs(to(hs), to(ts), to(weight), labels.to(device), grad_logits.to(device))
 
 
-
-
 def tiles_name(tiles):
     return f"n{tiles.block_n}-r{tiles.rows}-w{tiles.num_warps}-s{tiles.num_stages}"
 

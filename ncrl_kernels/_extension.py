@@ -41,15 +41,14 @@ def _below_autograd(op):
 
 
 if LOAD_ERROR is None:
+    _OPS = {name: getattr(torch.ops.ncrl_kernels, name) for name in _op_autograd.FAKES}
     for _name, _fake in _op_autograd.FAKES.items():
         torch.library.register_fake(f"ncrl_kernels::{_name}")(_fake)
     _op_autograd.register_autograd(
         lambda name, backward, setup: torch.library.register_autograd(
             f"ncrl_kernels::{name}", backward, setup_context=setup),
-        torch.ops.ncrl_kernels.head_backward,
+        _OPS["head_backward"],
     )
-    _OPS = {name: getattr(torch.ops.ncrl_kernels, name)
-            for name in ("head_forward", "loss_forward", "fused_forward", "head_backward")}
     _FAMILY = _op_autograd.OpFamily(_OPS, {name: _below_autograd(op) for name, op in _OPS.items()})
 
 

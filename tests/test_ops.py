@@ -34,14 +34,20 @@ def op_families():
     return families
 
 
-def family_ops(family):
-    """The family's four ops and the trailing arguments of its head and fused ops."""
+def family_routes(family):
+    """The family's OpFamily: eager calls take its autograd.Functions, torch.compile its ops."""
     if family == "extension":
-        ops = torch.ops.ncrl_kernels
-        return (ops.head_forward, ops.head_backward, ops.loss_forward, ops.fused_forward), ()
+        return _extension._FAMILY
     from ncrl_kernels.triton_kernels import backend
 
-    return (backend.head_forward, backend.head_backward, backend.loss_forward, backend.fused_forward), ("ieee",)
+    return backend._FAMILY
+
+
+def family_ops(family):
+    """The family's four ops and the trailing arguments of its head and fused ops."""
+    ops = family_routes(family).ops
+    return ((ops["head_forward"], ops["head_backward"], ops["loss_forward"], ops["fused_forward"]),
+            () if family == "extension" else ("ieee",))
 
 
 @pytest.mark.parametrize("device,family", op_families())
@@ -63,15 +69,6 @@ def test_opcheck(device, family, symmetric, reduction):
         torch.library.opcheck(loss_forward, (logits, labels.double(), loss, 0.05, True, reduction))
         torch.library.opcheck(fused_forward,
                               (hs, ts, weight, bias, labels.double(), 4, symmetric, loss, 0.05, True, reduction, *extra))
-
-
-def family_routes(family):
-    """The family's OpFamily: eager calls take its autograd.Functions, torch.compile its ops."""
-    if family == "extension":
-        return _extension._FAMILY
-    from ncrl_kernels.triton_kernels import backend
-
-    return backend._FAMILY
 
 
 @pytest.mark.parametrize("device,family", op_families())

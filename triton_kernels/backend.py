@@ -52,8 +52,14 @@ def _define(name, fn):
     if TRITON_INTERPRET:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
         op.register_fake(_op_autograd.FAKES[name])
-        return op
-    return torch.library.triton_op(qualname, fn, mutates_args=())
+    else:
+        op = torch.library.triton_op(qualname, fn, mutates_args=())
+    _OPS[name], _IMPLS[name] = op, fn
+    return op
+
+
+# name -> the operator, its implementation (filled by _define).
+_OPS, _IMPLS = {}, {}
 
 
 # Operators.
@@ -129,13 +135,10 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
 
 fused_forward = _define("fused_forward", _fused_forward)
 
-_OPS = {"head_forward": head_forward, "loss_forward": loss_forward, "fused_forward": fused_forward,
-        "head_backward": head_backward}
 _op_autograd.register_autograd(
     lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup), head_backward
 )
-_FAMILY = _op_autograd.OpFamily(_OPS, {"head_forward": _head_forward, "loss_forward": _loss_forward,
-                                       "fused_forward": _fused_forward, "head_backward": _head_backward})
+_FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
 
 
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).

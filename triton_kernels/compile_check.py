@@ -43,7 +43,6 @@ from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step, tabl
 DTYPES = {"fp32": (torch.float32, "*fp32", TF32X3), "tf32": (torch.float32, "*fp32", TF32),
           "bf16": (torch.bfloat16, "*bf16", IEEE), "fp16": (torch.float16, "*fp16", IEEE),
           "fp64": (torch.float64, "*fp64", IEEE)}
-# Shared memory per block (opt-in maximum) of each target.
 # Shared memory per block (the opt-in limit) of the targets checked: A100, RTX 30xx/A10/A40, RTX
 # 40xx/L4/L40S, H100/H200.
 SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
