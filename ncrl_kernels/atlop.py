@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import docred, functional
 from .modules import GroupBilinearLoss
 
 # BERT/RoBERTa see at most 512 positions; ATLOP encodes longer documents in two overlapping windows.
@@ -235,8 +235,7 @@ class DocREModel(nn.Module):
         if labels is None:
             return (self.predict(self.pair_scores(input_ids, attention_mask, entity_pos, hts)),)
         hs, ts, sequence_output = self._pair_representations(input_ids, attention_mask, entity_pos, hts)
-        classes = self.bilinear.num_classes  # reshape: a document without pairs has labels []
-        labels = torch.cat([torch.as_tensor(doc_labels).reshape(-1, classes) for doc_labels in labels]).to(hs.device)
+        labels = docred.pair_labels(labels, self.bilinear.num_classes).to(hs.device)
         # GroupBilinearLoss calls ncrl_kernels.fused_ncrl: head + loss without the [pairs, E*B] feature.
         loss, logits = self.bilinear(hs, ts, labels, return_logits=True)
         return loss.to(sequence_output), self.predict(self._with_threshold_column(logits))

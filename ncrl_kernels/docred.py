@@ -127,6 +127,12 @@ def collate_fn(batch):
             [f["hts"] for f in batch])
 
 
+def pair_labels(label_lists, num_classes):
+    """ATLOP's per-document label lists (collate_fn's, or each feature's "labels") as one
+    ``[pairs, num_classes]`` tensor, documents in order; a document without pairs has labels []."""
+    return torch.cat([torch.as_tensor(labels).reshape(-1, num_classes) for labels in label_lists])
+
+
 def to_official(preds, features, rel2id):
     """ATLOP's ``to_official``: predictions ``[N, C]`` (rows in the order of the features' ``hts``,
     as :class:`DocREModel` returns them; tensor or array) -> official answers

@@ -13,9 +13,10 @@ when the prediction rule ``f_k > f_0`` (without a top-k limit) returns the gold 
 """
 import torch
 
-__all__ = ["ncre"]
+from ._validation import REDUCTIONS
+from .reference import reduce_pairs
 
-_REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["ncre"]
 
 
 def ncre(scores, labels, reduction="mean"):
@@ -41,14 +42,10 @@ def ncre(scores, labels, reduction="mean"):
                          f"got {list(scores.shape)}")
     if labels.shape != scores.shape:
         raise ValueError(f"labels must have the shape of scores {list(scores.shape)}, got {list(labels.shape)}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     relation_scores, none_score = scores[:, 1:], scores[:, :1]
     positive = labels[:, 1:] > 0
     wrong_side = torch.where(positive, relation_scores < none_score, relation_scores > none_score)
     per_pair = wrong_side.float().sum(1) + 0.5 * (relation_scores == none_score).float().sum(1)
-    if reduction == "none":
-        return per_pair
-    if reduction == "sum":
-        return per_pair.sum()
-    return per_pair.mean() if per_pair.numel() else per_pair.new_zeros(())
+    return reduce_pairs(per_pair, reduction)
