@@ -138,7 +138,8 @@ def cuobjdump_output(cuobjdump, option, library):
 
 def check_device_code(library, env):
     """A cubin per requested architecture, PTX for the '+PTX' ones, and every __global__ kernel of
-    csrc/cuda in the device code; returns the device code found ("sm_80 cubin", ...)."""
+    csrc/cuda in the device code; returns the device code found ("sm_80 cubin", ...), the kernels and
+    the device code's symbols."""
     cuobjdump = find_cuobjdump(env)
     listing = cuobjdump_output(cuobjdump, "--list-elf", library) + cuobjdump_output(cuobjdump, "--list-ptx", library)
     found = sorted(set(re.findall(r"\.(sm_\w+)\.(cubin|ptx)\b", listing)))
@@ -162,7 +163,7 @@ def check_device_code(library, env):
     absent = sorted(k for k in kernels if k not in symbols)
     if not kernels or absent:
         fail(f"kernels of csrc/cuda missing from the device code: {absent or 'none found in the sources'}")
-    return [" ".join(code) for code in found], sorted(kernels)
+    return [" ".join(code) for code in found], sorted(kernels), symbols
 
 
 # Mangled-name fragments of the 16-bit kernel instantiations (Itanium ABI: c10::BFloat16, c10::Half;
@@ -176,10 +177,10 @@ SIXTEEN_BIT_KERNELS = {
 SIXTEEN_BIT_GEMM = "at::_ops::mm_dtype_out::call("
 
 
-def check_sixteen_bit_path(library, env):
-    """The 16-bit instantiations of the head kernels in the device code, and the 16-bit-operand,
-    fp32-output GEMM among the library's imports (nm -D, demangled)."""
-    symbols = cuobjdump_output(find_cuobjdump(env), "--dump-elf-symbols", library)
+def check_sixteen_bit_path(library, symbols):
+    """The 16-bit instantiations of the head kernels in the device code (`symbols`, from
+    check_device_code), and the 16-bit-operand, fp32-output GEMM among the library's imports
+    (nm -D, demangled)."""
     absent = [name for name, mangled in SIXTEEN_BIT_KERNELS.items() if mangled not in symbols]
     if absent:
         fail(f"16-bit kernel instantiations missing from the device code: {absent}")
@@ -199,8 +200,8 @@ def main():
     env = build_env(torch.version.cuda)
     wheel = build_wheel(env)
     seen = installed_extension(wheel)
-    code, kernels = check_device_code(seen["library"], env)
-    sixteen_bit = check_sixteen_bit_path(seen["library"], env)
+    code, kernels, symbols = check_device_code(seen["library"], env)
+    sixteen_bit = check_sixteen_bit_path(seen["library"], symbols)
     print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
           f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
           f"kernels: {', '.join(kernels)}; 16-bit path: {', '.join(sixteen_bit)}. "

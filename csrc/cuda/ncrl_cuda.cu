@@ -194,11 +194,12 @@ at::Tensor partial_buffer(int64_t numel, const at::TensorOptions& options) {
   return at::empty({std::is_same_v<T, at::opmath_type<T>> ? 0 : numel}, options);
 }
 
-// x [N, C] as a [N, C] view of a zero-padded [N, C'] tensor of `dtype`, C' a multiple of 8: rows
-// that start on 16-byte boundaries, which cuBLAS' vectorised tensor-core kernels need.
+// x [N, C] as a [N, C] view of an [N, C'] tensor of `dtype`, C' a multiple of 8: rows that start
+// on 16-byte boundaries, which cuBLAS' vectorised tensor-core kernels need. The padding columns are
+// never read (every use is of the view), so they are left unset.
 at::Tensor aligned_rows(const at::Tensor& x, at::ScalarType dtype) {
   const int64_t padded = (x.size(1) + 7) / 8 * 8;
-  return at::zeros({x.size(0), padded}, x.options().dtype(dtype)).narrow(1, 0, x.size(1)).copy_(x);
+  return at::empty({x.size(0), padded}, x.options().dtype(dtype)).narrow(1, 0, x.size(1)).copy_(x);
 }
 
 template <typename T>
