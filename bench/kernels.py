@@ -27,7 +27,7 @@ import roofline  # noqa: E402
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
 from ncrl_kernels.triton_kernels._common import (  # noqa: E402
-    LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles)
+    LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles, direct_launches)
 
 # Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
 KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
@@ -37,17 +37,10 @@ COLUMNS = ["kernel", "kind", "symmetric", "n_pairs", "emb", "block", "classes", 
 
 def time_ms(fn, device, reps):
     """Median time of one call, from `reps` calls between two synchronisations, over 5 rounds.
-    Launches go straight to Triton, as inside the backend's operators: outside them wrap_triton
-    routes every launch through a higher-order op, ~0.2 ms of Python each, which would be timed
-    instead of short kernels."""
+    Launches go straight to Triton, as in the backend (``direct_launches``), not through
+    wrap_triton's higher-order op, whose Python would be timed instead of short kernels."""
     with direct_launches():
         return _time_ms(fn, device, reps)
-
-
-def direct_launches():
-    from torch._library import triton as library_triton
-
-    return library_triton.set_wrap_triton_enabled(False)
 
 
 def _time_ms(fn, device, reps):

@@ -133,6 +133,30 @@ def test_precision_follows_torch(device, setting, pristine_precision, monkeypatc
     assert seen == [want, want, "ieee", "ieee"]
 
 
+@pytest.mark.parametrize("device", triton_devices())
+def test_eager_calls_launch_directly(device, monkeypatch):
+    """Eager calls (the autograd.Functions, which call the implementations outside the operators)
+    launch every kernel straight through Triton, as the operators' own eager kernels do: through
+    wrap_triton's tracing path each launch would cost the host more than a kernel's GPU time."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
+
+    launches = []
+    for module in (head_forward, head_backward, loss_rows):
+        def spy(kernel, wrap=module.wrap_triton):
+            launches.append(is_wrap_triton_enabled())
+            return wrap(kernel)
+        monkeypatch.setattr(module, "wrap_triton", spy)
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
+    hs, ts, weight, bias = leaves(hs, ts, weight, bias)
+    ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, backend="triton").backward()
+    logits = ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend="triton")
+    ncrl_kernels.ncrl_loss(logits, labels, backend="triton").backward()
+    # fused: forward, epilogue, dW, dX; head: forward, epilogue, dW, dX; loss: epilogue.
+    assert launches == [False] * 9
+
+
 def candidate_configs(device):
     """(table, table key, operand kind, tiles) of every candidate config: on a GPU those it may
     launch (its compute capability picks a table key per kind); on the interpreter, which ignores

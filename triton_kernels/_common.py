@@ -21,6 +21,17 @@ BCE = tl.constexpr(3)
 LOSS_CODES = {"ncrl": 1, "atl": 2, "bce": 3}
 
 
+def direct_launches():
+    """A context in which ``wrap_triton(kernel)[grid](...)`` launches the kernel straight through
+    Triton, as a ``triton_op``'s own eager kernel does. Outside one, every launch goes through
+    wrap_triton's higher-order op, there for tracing: about 50 us of Python per launch on this
+    project's 2-core CPU (a launch that does nothing), about 0.2 ms on the H200 machine's host
+    (bench/kernels.py, first GPU run), against 3 us direct."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)
+
+
 # Host-side arithmetic for launches in plain Python: triton.cdiv and triton.next_power_of_2 are
 # jit functions, which cost microseconds per call from Python, on every launch.
 

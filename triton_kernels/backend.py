@@ -17,7 +17,8 @@ Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``wrap_triton`` cannot trac
 kernels, so the same functions are registered as opaque ``custom_op``s with explicit fake
 kernels; everything else is identical. Eager calls run the same functions as
 ``torch.autograd.Function``s instead (``_FAMILY``; see ``_op_autograd.OpFamily``): the operators'
-Python autograd layer cost the host nearly as much as the rest of a step.
+Python autograd layer cost the host nearly as much as the rest of a step. Like the operators'
+eager kernels, they launch straight through Triton, not through wrap_triton's tracing path.
 
 fp32 matmuls run as TF32 where PyTorch allows TF32 for matmuls, else as 3xTF32
 (``_common.fp32_matmul_precision``); the setting is read when the op is called and passed to the
@@ -25,6 +26,7 @@ kernels ("ieee", which tl.dot ignores, for other dtypes). Kernels launch on the 
 tensors.
 """
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -33,7 +35,7 @@ from torch import Tensor
 from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
-from ._common import LOSS_CODES, precision_for
+from ._common import LOSS_CODES, direct_launches, precision_for
 from .head_backward import backward_operands, launch_head_backward
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue
@@ -54,8 +56,22 @@ def _define(name, fn):
         op.register_fake(_op_autograd.FAKES[name])
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args=())
-    _OPS[name], _IMPLS[name] = op, fn
+    _OPS[name], _IMPLS[name] = op, _launching_directly(fn)
     return op
+
+
+def _launching_directly(fn):
+    """`fn` for the eager route (``_op_autograd.OpFamily``), which calls it outside the operator:
+    its launches go straight to Triton (``direct_launches``), as they do inside the operator's own
+    eager kernel, not through wrap_triton's tracing path (four launches a step at ~0.2 ms each on
+    the H200 machine's host, more than the step's GPU time)."""
+
+    @functools.wraps(fn)
+    def launch_directly(*args):
+        with direct_launches():
+            return fn(*args)
+
+    return launch_directly
 
 
 # name -> the operator, its implementation (filled by _define).
