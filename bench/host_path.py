@@ -11,10 +11,11 @@ Each backend family is called three ways, same arguments, same kernels:
   which torch.compile traces (and which eager calls took before the Functions).
 
 On a GPU the kernels launch for real at N=1024 (less GPU work than host work, so the loop, which
-does not wait for the GPU, measures the host). On a CPU, the Triton
-family runs with its launches replaced by no-ops (under TRITON_INTERPRET=1, which this script
-sets) and the C++ family runs its kernels at a tiny shape; the host path does not depend on the
-shape. ``launches`` counts the Triton launches of a step (CPU only).
+does not wait for the GPU, measures the host). On a CPU, the Triton family runs with its launches
+replaced by no-ops (under TRITON_INTERPRET=1, which this script sets; wrap_triton's tracing path,
+which eager launches skip on a GPU too, is never taken there: test_eager_calls_launch_directly
+checks the GPU route) and the C++ family runs its kernels at a tiny shape; the host path does
+not depend on the shape. ``launches`` counts the Triton launches of a step (CPU only).
 
     python bench/host_path.py            # CUDA if available, else CPU
 

@@ -93,24 +93,32 @@ def register_autograd(register, head_backward):
     def head_backward_fn(ctx, grad_logits):
         return (*head_grads(ctx, grad_logits, *ctx.saved_tensors), *[None] * (HEAD_ARGS - 4 + len(ctx.extra)))
 
+    # The loss and fused ops' other outputs (logits, d loss / d logits) are non-differentiable, so a
+    # backward uses the loss's gradient only; set_materialize_grads(False) keeps autograd from
+    # allocating and zero-filling an [N, C] gradient for each of the others on every step. An
+    # undefined (zero) gradient of the loss then arrives as None and gives no gradients.
+
     def loss_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.num_inputs = len(inputs)
 
     def loss_backward_fn(ctx, grad_loss, _grad_dlogits):
         (dloss_dlogits,) = ctx.saved_tensors
-        return scaled_grad(grad_loss, dloss_dlogits), *[None] * (ctx.num_inputs - 1)
+        return None if grad_loss is None else scaled_grad(grad_loss, dloss_dlogits), *[None] * (ctx.num_inputs - 1)
 
     def fused_setup(ctx, inputs, output):
         hs, ts, weight, bias, _labels, block_size, symmetric = inputs[:7]
         _, logits, dloss_dlogits = output
         save_head(ctx, hs, ts, weight, bias, block_size, symmetric, inputs[FUSED_ARGS:], dloss_dlogits)
         ctx.mark_non_differentiable(logits, dloss_dlogits)
+        ctx.set_materialize_grads(False)
 
     def fused_backward_fn(ctx, grad_loss, _grad_logits, _grad_dlogits):
         hs, ts, weight, dloss_dlogits = ctx.saved_tensors
-        grads = head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts, weight)
+        grads = (None,) * 4 if grad_loss is None else head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts,
+                                                                 weight)
         return (*grads, *[None] * (FUSED_ARGS - 4 + len(ctx.extra)))
 
     register("head_forward", head_backward_fn, head_setup)
