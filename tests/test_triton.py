@@ -133,6 +133,19 @@ def test_precision_follows_torch(device, setting, pristine_precision, monkeypatc
     assert seen == [want, want, "ieee", "ieee"]
 
 
+@pytest.mark.parametrize("n", [0, 20, 300])
+def test_split_from_the_sm_count(n, monkeypatch):
+    """On a GPU every default config leaves the forward's split to split_count (from N and the SM
+    count); the interpreter's tiles fix it, so here they are made to leave it too: results against
+    the reference, an empty batch included."""
+    from ncrl_kernels.triton_kernels import _common
+
+    if "triton" not in ncrl_kernels.available_backends("cpu"):
+        pytest.skip("the Triton interpreter is not on (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(_common, "INTERPRETER_TILES", dataclasses.replace(_common.INTERPRETER_TILES, split=0))
+    check_against_reference("cpu", (n, 32, 8, 5), torch.float32)
+
+
 @pytest.mark.parametrize("device", triton_devices())
 def test_eager_calls_launch_directly(device, monkeypatch):
     """Eager calls (the autograd.Functions, which call the implementations outside the operators)

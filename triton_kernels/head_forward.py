@@ -138,7 +138,7 @@ def split_count(tiles, n, emb, block_size, device):
     """Partial sums over the row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM programs
     per SM of `device`, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
     steps = row_steps(tiles, emb, block_size)
-    split = tiles.split or cdiv(PROGRAMS_PER_SM * sm_count(device), cdiv(n, tiles.block_n))
+    split = tiles.split or cdiv(PROGRAMS_PER_SM * sm_count(device), cdiv(max(n, 1), tiles.block_n))
     split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
     return cdiv(steps, cdiv(steps, split))
 
