@@ -127,22 +127,31 @@ def gemm_bound_job(case, mode, device, dtype):
     return None, fn
 
 
-def check_against_eager(case, providers, device, autocast_dtype):
-    """Every loss provider must agree with eager before its time means anything."""
+def refused_providers(case, providers, device, autocast_dtype):
+    """{provider: why} for each provider whose loss differs from eager's, or whose step fails: its
+    time would mean nothing. Eager's own failure stops the run (nothing could be checked)."""
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    values = {}
+    values, refused = {}, {}
     with torch.no_grad():
         for name, step in providers.items():
-            with autocast():
-                values[name] = step(case).item()
+            try:
+                with autocast():
+                    values[name] = step(case).item()
+            except Exception as error:  # one broken provider must not cost the others' rows
+                if name == "eager":
+                    raise
+                refused[name] = f"failed: {type(error).__name__}: {error}"
     rtol = 2e-2 if autocast_dtype else 1e-3
     for name, value in values.items():
         if not math.isclose(value, values["eager"], rel_tol=rtol):
-            raise SystemExit(f"{name} loss {value:.6f} != eager {values['eager']:.6f} (rtol {rtol}): not benchmarking")
+            refused[name] = f"loss {value:.6f} != eager {values['eager']:.6f} (rtol {rtol})"
+    return refused
 
 
-def jobs(args, device, providers, steps, check):
-    """Every measurement as ((dtype, n, mode, provider), (setup, fn)), case by case."""
+def jobs(args, device, providers, steps, refused=None):
+    """Every measurement as ((dtype, n, mode, provider), (setup, fn)), case by case. With a dict
+    `refused`, each case's providers are first checked against eager (refused_providers); those
+    refused are recorded there, keyed by (dtype, n, provider), and skipped."""
     cases = [(n, providers) for n in args.n]
     if args.large_n:
         cases.append((args.large_n, [p for p in providers if p.startswith("fused-")]))
@@ -151,8 +160,12 @@ def jobs(args, device, providers, steps, check):
         autocast_dtype = None if dtype == torch.float32 else dtype
         for n, names in cases:
             case = make_case(n, args.emb, args.block, args.classes, device)
-            if check and "eager" in names:
-                check_against_eager(case, {p: steps[p] for p in names if p in steps}, device, autocast_dtype)
+            if refused is not None and "eager" in names:
+                for name, why in refused_providers(case, {p: steps[p] for p in names if p in steps}, device,
+                                                   autocast_dtype).items():
+                    print(f"  {dtype_name:5s} N={n:6d} {name}: {why}: not benchmarked", flush=True)
+                    refused[dtype_name, n, name] = why
+                names = [p for p in names if (dtype_name, n, p) not in refused]
             for mode in (args.modes if n != args.large_n else ["fwd_bwd"]):
                 for provider in names:
                     job = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
@@ -161,14 +174,16 @@ def jobs(args, device, providers, steps, check):
             del case
 
 
-def memory_pass(args, providers):
-    """{case key: peak extra MiB} of every case, each measured after one warm-up run (which
-    compiles and lazily initialises what it needs)."""
+def memory_pass(args, providers, timed):
+    """{case key: peak extra MiB} of every case in `timed`, each measured after one warm-up run
+    (which compiles and lazily initialises what it needs)."""
     device = torch.device(args.device)
     harness.prepare_memory_measurement(device)
     steps = {p: make_step(p) for p in providers if p != "gemm-bound"}
     peaks = {}
-    for key, (setup, fn) in jobs(args, device, providers, steps, check=False):
+    for key, (setup, fn) in jobs(args, device, providers, steps):
+        if key not in timed:
+            continue
         fn(setup() if setup else None)
         peaks[key] = harness.peak_extra_mib(fn, device, setup)
     return peaks
@@ -196,8 +211,8 @@ def run(args):
                     ms_p80=round(p80, 3), peak_mem_mib=round(peak, 1), device=harness.device_name(device),
                     commit=commit, timestamp=stamp)
 
-    timings, rows = {}, []
-    for key, (setup, fn) in jobs(args, device, providers, steps, check=True):
+    timings, rows, refused = {}, [], {}
+    for key, (setup, fn) in jobs(args, device, providers, steps, refused):
         reps = args.reps if key[1] != args.large_n else 2
         timings[key] = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
         line = "  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timings[key])
@@ -210,11 +225,13 @@ def run(args):
         print("peak extra memory ...", flush=True)
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            peaks = pool.submit(memory_pass, args, providers).result()
+            peaks = pool.submit(memory_pass, args, providers, set(timings)).result()
         rows = [row(key, timing, peaks[key]) for key, timing in timings.items()]
         harness.append_rows(rows, device, args.results)
     print_summary(rows)
     print(f"appended {len(rows)} rows to {os.path.join(args.results, harness.device_name(device) + '.csv')}")
+    if refused:
+        raise SystemExit("not benchmarked: " + "; ".join(f"{p} ({d}, N={n}): {why}" for (d, n, p), why in refused.items()))
     return rows
 
 

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
@@ -39,7 +40,20 @@ def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "make_step", lambda p: wrong if p == "fused-cpp" else run.loss_provider("reference"))
     args = run.parse_args(["--device", "cpu", "--n", "8", "--large-n", "0", "--seconds", "0", "--emb", "16", "--block", "4",
                            "--classes", "5", "--providers", "eager", "fused-cpp", "--results", str(tmp_path)])
-    with pytest.raises(SystemExit, match="fused-cpp loss"):
+    with pytest.raises(SystemExit, match=r"fused-cpp \(fp32, N=8\): loss"):
+        run.run(args)
+    # The refused provider costs the others nothing: eager's rows are written, fused-cpp's not.
+    with open(tmp_path / f"{harness.device_name(torch.device('cpu'))}.csv") as f:
+        assert {r["provider"] for r in csv.DictReader(f)} == {"eager"}
+
+
+def test_bench_skips_a_failing_provider(monkeypatch, tmp_path):
+    def failing(case):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(run, "make_step", lambda p: failing if p == "fused-cpp" else run.loss_provider("reference"))
+    args = run.parse_args(["--device", "cpu", "--n", "8", "--large-n", "0", "--seconds", "0", "--emb", "16", "--block", "4",
+                           "--classes", "5", "--providers", "eager", "fused-cpp", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fused-cpp .*failed: RuntimeError: no kernel for this GPU"):
         run.run(args)
 
 
