@@ -10,7 +10,6 @@ returning ``(loss, logits)``. All of them are differentiable.
 Availability depends only on state fixed at import time (extension loaded, Triton installed,
 TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.compile``.
 """
-import functools
 import importlib
 import importlib.util
 import os
@@ -40,12 +39,17 @@ def cuda_index(device):
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+_CAPABILITIES = {}  # CUDA device index -> (major, minor)
+
+
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def cuda_capability(index):
     """(major, minor) compute capability of CUDA device `index`, read once (every Triton launch asks);
-    a constant under torch.compile."""
-    return torch.cuda.get_device_capability(index)
+    a constant under torch.compile. Cached in a dict, not functools.lru_cache: Dynamo warns about
+    an lru_cache wrapper and traces through it, losing the constant mark."""
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
 
 
 def _extension_reason(dispatch_key):

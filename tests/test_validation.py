@@ -1,5 +1,7 @@
 """Every bad input of SPEC.md gets a ValueError/TypeError naming the argument, before any kernel
 runs, whichever backend is asked for."""
+import warnings
+
 import pytest
 import torch
 
@@ -139,6 +141,18 @@ def test_triton_needs_compute_capability_8(monkeypatch):
     assert reason is not None and "compute capability 8.0" in reason and "7.5" in reason
     monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (8, 6))
     assert _dispatch.unavailable_reason("triton", torch.device("cuda:0")) is None
+
+
+def test_cuda_capability_is_a_compile_constant(monkeypatch):
+    """Read once, then a constant that torch.compile bakes in, without warnings (Dynamo warns
+    about, and traces through, an lru_cache wrapper)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(_dispatch, "_CAPABILITIES", {})
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(lambda x: x * _dispatch.cuda_capability(0)[0], backend="eager", fullgraph=True)(torch.ones(2))
+    assert out.tolist() == [9.0, 9.0] and _dispatch._CAPABILITIES == {0: (9, 0)}
 
 
 def test_predict_arguments():
