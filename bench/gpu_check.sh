@@ -4,14 +4,15 @@
 # it measured if it is stopped. It uses the Python that is there (torch with CUDA and triton
 # preinstalled; PYTHON=... to pick another), and:
 #   1. starts `pip install --no-build-isolation --no-deps -e .` in the background (the CUDA
-#      extension takes 1-2 minutes to compile; MAX_JOBS = half the cores, so the benchmarks keep
-#      theirs) and meanwhile runs the Triton backend from the source tree:
+#      extension takes 1-2 minutes to compile; MAX_JOBS = half the cores and nice 19, so the
+#      host-bound benchmarks keep theirs) and meanwhile runs the Triton backend from the source tree:
 #   2. decisive: N=4096 forward + backward, bf16 autocast and fp32 with TF32 on both sides
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
 #      eager, compiled and gemm-bound, time and peak memory, rows appended case by case; then
 #      where a fused step's time goes (bench/step_profile.py: GPU kernels against host time) and
 #      what each call path costs the host (bench/host_path.py),
-#   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32),
+#   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32;
+#      every candidate config last),
 #   4. once the build is done: the other GPU tests and the fused-cuda rows at N=4096,
 #   5. N=1024 and 16384 (fwd, bwd, fwd_bwd), bf16 and TF32, then IEEE fp32 at N=4096,
 #   6. a whole training step: ATLOP's DocREModel with a BERT-base-sized encoder, fused against the
@@ -75,6 +76,8 @@ if importlib.util.find_spec("triton"):
 else:
     print("triton: NOT INSTALLED (the triton backend will be unavailable)")
 print("pytest:", "installed" if importlib.util.find_spec("pytest") else "NOT INSTALLED: tests will be skipped")
+print("transformers:", "installed" if importlib.util.find_spec("transformers")
+      else "NOT INSTALLED: bench/atlop_step.py will be skipped")
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: this check needs one")
 for i in range(torch.cuda.device_count()):
@@ -94,7 +97,9 @@ if [[ $DRY == 1 ]]; then
     echo "[dry run] MAX_JOBS=$JOBS pip install ... (about 90 s, beside the next phases)"
     INSTALL_DONE_AT=$(( $(elapsed) + 90 ))
 else
-    MAX_JOBS=$JOBS "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 &
+    # nice: the compiler must not take the cores from the host-bound measurements beside it;
+    # -v: the log says what setup.py built (CUDA or CPU only).
+    MAX_JOBS=$JOBS nice -n 19 "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 &
     INSTALL_PID=$!
 fi
 # Until the install is done, the package runs from the source tree: a folder holding ncrl_kernels's
@@ -113,7 +118,8 @@ wait_for_install() {
     fi
     if wait "$INSTALL_PID"; then
         grep -h "ncrl_kernels: building" "$LOGS/install.log" || true
-        note "install: ok (done at $(elapsed)s)"
+        note "install: ok (done at $(elapsed)s); backends on cuda: $("$PY" -c \
+            "import ncrl_kernels; print(' '.join(ncrl_kernels.available_backends('cuda')))" 2>&1 | tail -n 1)"
     else
         tail -n 40 "$LOGS/install.log"
         note "install: FAILED (see $LOGS/install.log); testing what is importable"
@@ -153,7 +159,9 @@ run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...
         *) note "tests $label: FAILED (status $status): ${result:-see $LOGS/tests-$label.log}" ;;
     esac
 }
-from_source run_tests $(( $(left) - 280 )) 60 triton -m gpu tests/test_triton.py
+# Every candidate config last: about 20 kernel variants to compile, the least decisive.
+from_source run_tests $(( $(left) - 320 )) 45 triton -m gpu -k "not test_every_candidate_config" tests/test_triton.py
+from_source run_tests $(( $(left) - 280 )) 20 triton-configs -m gpu -k test_every_candidate_config tests/test_triton.py
 
 phase "the other GPU tests and fused-cuda, with the installed package"
 wait_for_install
@@ -172,8 +180,12 @@ run_for $(( $(left) - 60 )) 25 "$LOGS/bench-fp32.log" "$PY" "${BENCH[@]}" --seco
 note "IEEE fp32 N=4096 (the Triton backend runs 3xTF32): status $?"
 
 phase "a whole training step: bench/atlop_step.py"
-run_for $(( $(left) - 60 )) 40 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --seconds 2
-note "bench/atlop_step.py: status $? -> bench/results/$GPU-atlop-step.csv"
+if [[ $DRY == 1 ]] || "$PY" -c "import transformers" 2>/dev/null; then
+    run_for $(( $(left) - 60 )) 40 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --seconds 2
+    note "bench/atlop_step.py: status $? -> bench/results/$GPU-atlop-step.csv"
+else
+    note "bench/atlop_step.py: SKIPPED, transformers is not installed on this machine"
+fi
 
 phase "every Triton kernel's candidates alone; the model"
 run_for $(( $(left) - 15 )) 50 "$LOGS/kernels.log" "$PY" bench/kernels.py --n 4096 --kinds bf16 tf32
