@@ -45,7 +45,7 @@ PATHS = ("api", "function", "operator")
 
 
 class NoLaunch:
-    """Stands in for wrap_triton(kernel)[grid] on the CPU: counts launches, runs nothing."""
+    """Stands in for launcher(kernel)[grid] on the CPU: counts launches, runs nothing."""
 
     launches = 0
 
@@ -62,7 +62,7 @@ def stub_triton_launches():
     from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
 
     for module in (head_forward, head_backward, loss_rows):
-        module.wrap_triton = NoLaunch
+        module.launcher = NoLaunch
 
 
 def family_of(backend):

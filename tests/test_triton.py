@@ -157,10 +157,10 @@ def test_eager_calls_launch_directly(device, monkeypatch):
 
     launches = []
     for module in (head_forward, head_backward, loss_rows):
-        def spy(kernel, wrap=module.wrap_triton):
+        def spy(kernel, launcher=module.launcher):
             launches.append(is_wrap_triton_enabled())
-            return wrap(kernel)
-        monkeypatch.setattr(module, "wrap_triton", spy)
+            return launcher(kernel)
+        monkeypatch.setattr(module, "launcher", spy)
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
     hs, ts, weight, bias = leaves(hs, ts, weight, bias)
     ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, backend="triton").backward()

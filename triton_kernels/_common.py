@@ -7,6 +7,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
+from torch.library import wrap_triton
 
 from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index
 
@@ -22,14 +24,19 @@ LOSS_CODES = {"ncrl": 1, "atl": 2, "bce": 3}
 
 
 def direct_launches():
-    """A context in which ``wrap_triton(kernel)[grid](...)`` launches the kernel straight through
+    """A context in which ``launcher(kernel)[grid](...)`` launches the kernel straight through
     Triton, as a ``triton_op``'s own eager kernel does. Outside one, every launch goes through
     wrap_triton's higher-order op, there for tracing: about 50 us of Python per launch on this
     project's 2-core CPU (a launch that does nothing), about 0.2 ms on the H200 machine's host
     (bench/kernels.py, first GPU run), against 3 us direct."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     return set_wrap_triton_enabled(False)
+
+
+def launcher(kernel):
+    """What the launch sites index with the grid: ``wrap_triton(kernel)`` where wrap_triton is on
+    (an operator being traced, or outside ``direct_launches``), else the kernel itself, as
+    wrap_triton would return it; its own checks cost about 2.4 us per launch on this project's CPU."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 # Host-side arithmetic for launches in plain Python: triton.cdiv and triton.next_power_of_2 are

@@ -28,9 +28,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import Tiles, cdiv, mma, padded, pick_tiles
+from ._common import Tiles, cdiv, launcher, mma, padded, pick_tiles
 from .head_forward import rows_of, weight_rows_at
 
 
@@ -247,10 +246,10 @@ def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, pr
         launch = tiles.launch_args(block_size)
         grad = operands.grad_t if shapes["K_MAJOR"] else operands.grad
         assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad with backward_operands"
-        wrap_triton(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
+        launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
                                                                   **launch)
     if dhs is not None and n > 0:
         tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
-        wrap_triton(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
+        launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
             operands.grad, hs, ts, operands.weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
         )

@@ -18,9 +18,8 @@ shared memory (cp.async), where holding them across steps would cost registers.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import TRITON_INTERPRET, Tiles, cdiv, mma, padded, pick_tiles, rows_per_step, sm_count
+from ._common import TRITON_INTERPRET, Tiles, cdiv, launcher, mma, padded, pick_tiles, rows_per_step, sm_count
 
 
 @triton.jit
@@ -155,7 +154,7 @@ def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, til
     partial = hs.new_empty((split, n, classes), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
     if n == 0:
         return partial
-    wrap_triton(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
+    launcher(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
         hs, ts, weight, partial, n, cdiv(steps, split),
         E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
         COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),

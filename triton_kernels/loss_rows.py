@@ -8,9 +8,8 @@ d(loss)/d(logits) identically.
 """
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import ATL, BCE, HEAD_ONLY, NCRL, cdiv, padded
+from ._common import ATL, BCE, HEAD_ONLY, NCRL, cdiv, launcher, padded
 
 
 @triton.jit
@@ -157,7 +156,7 @@ def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_los
     split, n, classes = partial.shape
     if n == 0:
         return
-    wrap_triton(epilogue_kernel)[(cdiv(n, EPILOGUE_ROWS),)](
+    launcher(epilogue_kernel)[(cdiv(n, EPILOGUE_ROWS),)](
         partial, split, bias, labels, logits, dlogits, row_loss, n,
         C=classes, HAS_BIAS=bias is not None, WRITE_LOGITS=logits is not None,
         LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes), BLOCK_N=EPILOGUE_ROWS,
