@@ -247,7 +247,7 @@ def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, pr
         grad = operands.grad_t if shapes["K_MAJOR"] else operands.grad
         assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad with backward_operands"
         launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
-                                                                  **launch)
+                                                               **launch)
     if dhs is not None and n > 0:
         tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
         launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
