@@ -132,7 +132,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
                                               margin_reg=True, mean=True) or dlogits,
             split=str(partial.shape[0]))
     # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing.
-    operands = head_backward.backward_operands(x.grad_logits, x.weight, input_grad=True, weight_grad=True)
+    operands = head_backward.backward_operands(x.grad_logits, x.hs, x.ts, x.weight, input_grad=True, weight_grad=True)
     backward = dict(common, classes=classes)
     for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
         dweight = torch.empty_like(x.weight)

@@ -101,7 +101,7 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad)
-    operands = backward_operands(grad_logits, weight, input_grad=input_grad, weight_grad=weight_grad)
+    operands = backward_operands(grad_logits, hs, ts, weight, input_grad=input_grad, weight_grad=weight_grad)
     if weight_grad:
         dbias = grad_logits.sum(0)
     with _on_device(hs):

@@ -10,9 +10,9 @@ contiguous) for the d weight dot, and a transposed, class-padded weight (``[E*B,
 d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory
 operands only K-major; given the natural (MN-major) layouts, Triton transposes them on the way in
 with 4-byte copies instead of 16-byte ones (compile_check reports the copy sizes). 16-bit wgmma
-transposes for free, so 16-bit operands keep the natural layouts. The d weight kernel's tile of
-ts's (and hs's) group columns still arrives by 4-byte copies in fp32: the feature built from it
-needs the pairs innermost, the transpose of how they lie in memory, whatever layout the dot reads.
+transposes for free, so 16-bit operands keep the natural layouts. The d weight kernel's feature
+tile, built in registers, needs the pairs innermost too, so in fp32 it also reads hs and ts
+transposed (``[E, N']``): from ``[N, E]`` their group tile came by 4-byte copies.
 
 - ``weight_grad_kernel``: one program per ROWS feature rows s0 .. s0 + ROWS - 1 of a group (the
   weight columns s*B + j of every class), looping over all pair tiles in order:
@@ -34,22 +34,31 @@ from .head_forward import rows_of, weight_rows_at
 
 
 @triton.jit
-def kron_rows_t(hs, ts, ns, n_ok, s0, g, E: tl.constexpr, B: tl.constexpr, SYMMETRIC: tl.constexpr,
-                COMPUTE: tl.constexpr, OPERAND: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+def kron_rows_t(hs, ts, ns, n_ok, s0, g, pair_stride, E: tl.constexpr, B: tl.constexpr, SYMMETRIC: tl.constexpr,
+                COMPUTE: tl.constexpr, OPERAND: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr,
+                K_MAJOR: tl.constexpr):
     """The transpose of head_forward.kron_rows: ``[ROWS, BLOCK_J, BLOCK_N]`` in the dot's operand
     dtype, feature rows s0 + r, columns j, pairs ns; products rounded to the operand dtype before
-    the symmetric max, as there."""
+    the symmetric max, as there. hs and ts are ``[N, E]``, or (K_MAJOR) their transposed copies
+    ``[E, pair_stride]``, pairs contiguous and zero-padded, read without a mask along the pairs."""
     rs = tl.arange(0, ROWS)
     js = tl.arange(0, BLOCK_J)
-    group_ok = (js[:, None] < B) & n_ok[None, :]
-    at_group = ns[None, :] * E + g * B + js[:, None]
-    at_rows = ns[None, :] * E + s0 + rs[:, None]
+    if K_MAJOR:  # masks constant along the pairs, which would otherwise split the copies
+        group_ok = js[:, None] < B
+        rows_ok = rs[:, None] < ROWS
+        at_group = (g * B + js[:, None]).to(tl.int64) * pair_stride + ns[None, :]
+        at_rows = (s0 + rs[:, None]).to(tl.int64) * pair_stride + ns[None, :]
+    else:
+        group_ok = (js[:, None] < B) & n_ok[None, :]
+        rows_ok = n_ok[None, :]
+        at_group = ns[None, :] * E + g * B + js[:, None]
+        at_rows = ns[None, :] * E + s0 + rs[:, None]
     t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(COMPUTE)
-    h_rows = tl.load(hs + at_rows, mask=n_ok[None, :], other=0.0).to(COMPUTE)
+    h_rows = tl.load(hs + at_rows, mask=rows_ok, other=0.0).to(COMPUTE)
     x = (h_rows[:, None, :] * t_group[None, :, :]).to(OPERAND)
     if SYMMETRIC:
         h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(COMPUTE)
-        t_rows = tl.load(ts + at_rows, mask=n_ok[None, :], other=0.0).to(COMPUTE)
+        t_rows = tl.load(ts + at_rows, mask=rows_ok, other=0.0).to(COMPUTE)
         x = tl.maximum(x, (t_rows[:, None, :] * h_group[None, :, :]).to(OPERAND)).to(OPERAND)
     return x
 
@@ -71,7 +80,8 @@ def weight_grad_kernel(
         ns = first + tl.arange(0, BLOCK_N)
         n_ok = ns < N
         ns = ns.to(tl.int64)
-        x = kron_rows_t(hs, ts, ns, n_ok, s0, g, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty, BLOCK_J, ROWS)
+        x = kron_rows_t(hs, ts, ns, n_ok, s0, g, grad_stride, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty, BLOCK_J,
+                        ROWS, K_MAJOR)
         if K_MAJOR:
             # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to a
             # multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would split
@@ -203,32 +213,41 @@ def k_major(dtype):
 
 
 class BackwardOperands(NamedTuple):
-    """What the backward kernels read besides hs and ts (see backward_operands)."""
+    """What the backward kernels read (see backward_operands)."""
     grad: Optional[torch.Tensor]  # [N, BLOCK_C], for d input, and for d weight unless K-major
     grad_t: Optional[torch.Tensor]  # [BLOCK_C, N'], for d weight when K-major
     weight: torch.Tensor  # the weight [C, E*B], or for d input when K-major its copy [E*B, BLOCK_C]
+    hs_t: Optional[torch.Tensor]  # [E, N'], for d weight when K-major
+    ts_t: Optional[torch.Tensor]  # [E, N'], for d weight when K-major
 
 
-def backward_operands(grad_logits, weight, *, input_grad, weight_grad):
+def transposed(x, shape, dtype=None):
+    """``x.t()`` in the leading corner of a zero tensor of `shape` (and `dtype`, default x's)."""
+    out = x.new_zeros(shape, dtype=dtype or x.dtype)
+    out[:x.shape[1], :x.shape[0]] = x.t()
+    return out
+
+
+def backward_operands(grad_logits, hs, ts, weight, *, input_grad, weight_grad):
     """The backward kernels' operands from d loss / d logits ``[N, C]``, zero-padded to the class
-    tile in the weight's dtype: grad ``[N, BLOCK_C]`` as it is; for fp32 (K-major) d weight reads
-    it transposed, ``[BLOCK_C, N']`` with N' = N rounded up to PAIR_PADDING (read unmasked), and
-    d input a transposed copy of the weight, ``[E*B, BLOCK_C]``. Only what the asked-for
-    gradients read is built."""
+    tile in the weight's dtype: grad ``[N, BLOCK_C]`` as it is. For fp32 (K-major) d weight reads
+    grad, hs and ts transposed, pairs contiguous and zero-padded to N' = N rounded up to
+    PAIR_PADDING (read unmasked): ``[BLOCK_C, N']``, ``[E, N']``, ``[E, N']``; d input reads a
+    transposed copy of the weight, ``[E*B, BLOCK_C]``. Only what the asked-for gradients read is
+    built."""
     n, classes = grad_logits.shape
-    transposed = k_major(weight.dtype)
-    grad = grad_t = None
-    if input_grad or (weight_grad and not transposed):
+    transposed_operands = k_major(weight.dtype)
+    grad = grad_t = hs_t = ts_t = None
+    if input_grad or (weight_grad and not transposed_operands):
         grad = grad_logits.new_zeros((n, padded(classes)), dtype=weight.dtype)
         grad[:, :classes] = grad_logits
-    if weight_grad and transposed:
-        grad_t = grad_logits.new_zeros((padded(classes), cdiv(n, PAIR_PADDING) * PAIR_PADDING), dtype=weight.dtype)
-        grad_t[:classes, :n] = grad_logits.t()
-    if input_grad and transposed:
-        weight_t = weight.new_zeros((weight.shape[1], padded(classes)))
-        weight_t[:, :classes] = weight.t()
-        weight = weight_t
-    return BackwardOperands(grad, grad_t, weight)
+    if weight_grad and transposed_operands:
+        pairs = cdiv(n, PAIR_PADDING) * PAIR_PADDING
+        grad_t = transposed(grad_logits, (padded(classes), pairs), weight.dtype)
+        hs_t, ts_t = transposed(hs, (hs.shape[1], pairs)), transposed(ts, (ts.shape[1], pairs))
+    if input_grad and transposed_operands:
+        weight = transposed(weight, (weight.shape[1], padded(classes)))
+    return BackwardOperands(grad, grad_t, weight, hs_t, ts_t)
 
 
 def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, precision, dhs=None, dts=None,
@@ -244,9 +263,12 @@ def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, pr
     if dweight is not None:
         tiles = weight_tiles or pick_tiles(WEIGHT_GRAD_TILES, hs.dtype, precision, hs.device)
         launch = tiles.launch_args(block_size)
-        grad = operands.grad_t if shapes["K_MAJOR"] else operands.grad
-        assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad with backward_operands"
-        launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs, ts, dweight, n, grad.shape[1], **shapes,
+        if shapes["K_MAJOR"]:
+            grad, hs_w, ts_w = operands.grad_t, operands.hs_t, operands.ts_t
+            assert grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad, hs and ts with backward_operands"
+        else:
+            grad, hs_w, ts_w = operands.grad, hs, ts
+        launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs_w, ts_w, dweight, n, grad.shape[1], **shapes,
                                                                **launch)
     if dhs is not None and n > 0:
         tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
