@@ -132,16 +132,17 @@ def kernel_rows(args, device, kind, symmetric, emit):
                                               margin_reg=True, mean=True) or dlogits,
             split=str(partial.shape[0]))
     # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing.
-    operands = head_backward.backward_operands(x.grad_logits, x.hs, x.ts, x.weight, input_grad=True, weight_grad=True)
-    backward = dict(common, classes=classes)
+    grad = head_backward.padded_grad(x.grad_logits, dtype)
+    weight_grad_operands = head_backward.weight_grad_operands(grad, x.hs, x.ts)
     for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
         dweight = torch.empty_like(x.weight)
-        measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_head_backward(
-            operands, x.hs, x.ts, dweight=d, weight_tiles=t, **backward) or d)
+        measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_weight_grad(
+            weight_grad_operands, d, n=n, tiles=t, **common) or d)
+    weight = head_backward.input_grad_operand(x.weight)
     for tiles in candidate_tiles(head_backward.INPUT_GRAD_TILES, dtype, precision, x.hs.device):
         dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)
-        measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_head_backward(
-            operands, x.hs, x.ts, dhs=a, dts=b, input_tiles=t, **backward) or torch.cat([a, b], 1))
+        measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_input_grad(
+            grad, weight, x.hs, x.ts, a, b, classes=classes, tiles=t, **common) or torch.cat([a, b], 1))
 
 
 def accuracy(args, device, kind, symmetric):

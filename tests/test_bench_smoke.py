@@ -108,3 +108,19 @@ def test_host_path_runs(tmp_path):
     assert {(r["family"], r["path"]) for r in rows} >= {("extension", p) for p in ("api", "function", "operator")}
     assert all(float(r["host_us_p50"]) > 0 for r in rows)
     assert all(r["launches"] == "4" for r in rows if r["family"] == "triton")
+
+
+def test_kernels_script(tmp_path):
+    """bench/kernels.py, which only a GPU check runs for real, end to end at a tiny shape: a row
+    for every kernel, plain and symmetric (a config that fails is reported, not raised, so a
+    missing row is the failure)."""
+    import kernels
+
+    kernels.main(["--n", "40", "--accuracy-n", "40", "--emb", "16", "--block", "4", "--classes", "5", "--kinds",
+                  "tf32", "--reps", "1", "--results", str(tmp_path)])
+    (path,) = tmp_path.glob("*-kernels.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kernel"], r["symmetric"]) for r in rows} == {
+        (k, s) for k in ("forward", "epilogue", "weight_grad", "input_grad") for s in ("0", "1")}
+    assert all(float(r["max_rel_diff"]) == 0.0 for r in rows)  # every candidate agrees with the first

@@ -36,7 +36,8 @@ from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
 from ._common import LOSS_CODES, direct_launches, precision_for
-from .head_backward import backward_operands, launch_head_backward
+from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
+                            weight_grad_operands)
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue
 
@@ -101,14 +102,17 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad)
-    operands = backward_operands(grad_logits, hs, ts, weight, input_grad=input_grad, weight_grad=weight_grad)
-    if weight_grad:
-        dbias = grad_logits.sum(0)
+    config = dict(block_size=block_size, symmetric=symmetric, precision=precision)
+    # Each kernel's operands are built just before its launch and dropped after it, so the fp32
+    # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
+    # never held together (head_backward.py).
+    grad = padded_grad(grad_logits, weight.dtype)
     with _on_device(hs):
-        launch_head_backward(
-            operands, hs, ts, classes=weight.shape[0], block_size=block_size, symmetric=symmetric, precision=precision,
-            dhs=dhs if input_grad else None, dts=dts if input_grad else None, dweight=dweight if weight_grad else None,
-        )
+        if weight_grad:
+            dbias = grad_logits.sum(0)
+            launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, n=hs.shape[0], **config)
+        if input_grad:
+            launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
     return dhs, dts, dweight, dbias
 
 

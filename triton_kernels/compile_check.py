@@ -100,7 +100,7 @@ def compile_variant(kernel, pointers, constexprs, num_warps, num_stages, target)
             constants[name] = None
         signature[name] = "constexpr" if name in constants else pointers.get(name, "i32")
         # As a launch specialises: PyTorch's allocations are 16-byte aligned, and row strides are
-        # padded to multiples of 16 elements (head_backward.backward_operands).
+        # padded to multiples of 16 elements (head_backward.padded_grad, weight_grad_operands).
         if signature[name].startswith("*") or name.endswith("_stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)

@@ -4,7 +4,7 @@ deterministic (every output element is written by one program, in a fixed order,
 
 The caller passes grad zero-padded to the class tile in the operands' dtype (bf16 under bf16
 autocast, as the eager head's backward gets it), so its rows are 16-byte aligned and every load is
-unmasked along the classes; ``backward_operands`` prepares it. For fp32 operands (TF32, 3xTF32)
+unmasked along the classes; ``padded_grad`` prepares it. For fp32 operands (TF32, 3xTF32)
 the operands the dots read from memory come K-major: grad transposed (``[BLOCK_C, N']``, pairs
 contiguous) for the d weight dot, and a transposed, class-padded weight (``[E*B, BLOCK_C]``) for the
 d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory
@@ -212,15 +212,6 @@ def k_major(dtype):
     return dtype == torch.float32
 
 
-class BackwardOperands(NamedTuple):
-    """What the backward kernels read (see backward_operands)."""
-    grad: Optional[torch.Tensor]  # [N, BLOCK_C], for d input, and for d weight unless K-major
-    grad_t: Optional[torch.Tensor]  # [BLOCK_C, N'], for d weight when K-major
-    weight: torch.Tensor  # the weight [C, E*B], or for d input when K-major its copy [E*B, BLOCK_C]
-    hs_t: Optional[torch.Tensor]  # [E, N'], for d weight when K-major
-    ts_t: Optional[torch.Tensor]  # [E, N'], for d weight when K-major
-
-
 def transposed(x, shape, dtype=None):
     """``x.t()`` in the leading corner of a zero tensor of `shape` (and `dtype`, default x's)."""
     out = x.new_zeros(shape, dtype=dtype or x.dtype)
@@ -228,50 +219,70 @@ def transposed(x, shape, dtype=None):
     return out
 
 
-def backward_operands(grad_logits, hs, ts, weight, *, input_grad, weight_grad):
-    """The backward kernels' operands from d loss / d logits ``[N, C]``, zero-padded to the class
-    tile in the weight's dtype: grad ``[N, BLOCK_C]`` as it is. For fp32 (K-major) d weight reads
-    grad, hs and ts transposed, pairs contiguous and zero-padded to N' = N rounded up to
-    PAIR_PADDING (read unmasked): ``[BLOCK_C, N']``, ``[E, N']``, ``[E, N']``; d input reads a
-    transposed copy of the weight, ``[E*B, BLOCK_C]``. Only what the asked-for gradients read is
-    built."""
+def padded_grad(grad_logits, dtype):
+    """d loss / d logits ``[N, C]`` as the backward kernels' grad, ``[N, BLOCK_C]`` in `dtype` (the
+    operands'), classes zero-padded: 16-byte rows, read unmasked along the classes."""
     n, classes = grad_logits.shape
-    transposed_operands = k_major(weight.dtype)
-    grad = grad_t = hs_t = ts_t = None
-    if input_grad or (weight_grad and not transposed_operands):
-        grad = grad_logits.new_zeros((n, padded(classes)), dtype=weight.dtype)
-        grad[:, :classes] = grad_logits
-    if weight_grad and transposed_operands:
-        pairs = cdiv(n, PAIR_PADDING) * PAIR_PADDING
-        grad_t = transposed(grad_logits, (padded(classes), pairs), weight.dtype)
-        hs_t, ts_t = transposed(hs, (hs.shape[1], pairs)), transposed(ts, (ts.shape[1], pairs))
-    if input_grad and transposed_operands:
-        weight = transposed(weight, (weight.shape[1], padded(classes)))
-    return BackwardOperands(grad, grad_t, weight, hs_t, ts_t)
+    grad = grad_logits.new_zeros((n, padded(classes)), dtype=dtype)
+    grad[:, :classes] = grad_logits
+    return grad
 
 
-def launch_head_backward(operands, hs, ts, *, classes, block_size, symmetric, precision, dhs=None, dts=None,
-                         dweight=None, weight_tiles=None, input_tiles=None):
-    """Fill dhs, dts (both or neither) and dweight ``[C, E*B]`` from backward_operands' result
-    (all tensors contiguous). `*_tiles` override the default configs."""
+class WeightGradOperands(NamedTuple):
+    """grad, hs and ts as weight_grad_kernel reads them (weight_grad_operands)."""
+    grad: torch.Tensor
+    hs: torch.Tensor
+    ts: torch.Tensor
+
+
+def weight_grad_operands(grad, hs, ts):
+    """From padded_grad's grad: grad ``[N, BLOCK_C]``, hs and ts ``[N, E]`` as they are, or for fp32
+    (K-major) transposed copies, pairs contiguous and zero-padded to N' = N rounded up to
+    PAIR_PADDING (read unmasked): ``[BLOCK_C, N']``, ``[E, N']``, ``[E, N']``."""
+    if not k_major(grad.dtype):
+        return WeightGradOperands(grad, hs, ts)
+    n, block_c = grad.shape
+    pairs = cdiv(n, PAIR_PADDING) * PAIR_PADDING
+    return WeightGradOperands(transposed(grad, (block_c, pairs)), transposed(hs, (hs.shape[1], pairs)),
+                              transposed(ts, (ts.shape[1], pairs)))
+
+
+def input_grad_operand(weight):
+    """The weight ``[C, E*B]`` as input_grad_kernel reads it: as it is, or for fp32 (K-major) a
+    transposed copy ``[E*B, BLOCK_C]``, classes zero-padded."""
+    if not k_major(weight.dtype):
+        return weight
+    return transposed(weight, (weight.shape[1], padded(weight.shape[0])))
+
+
+def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
+    """The compile-time arguments both backward kernels take."""
+    return dict(E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
+                COMPUTE_FP64=dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
+                K_MAJOR=k_major(dtype))
+
+
+def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision, tiles=None):
+    """Fill dweight ``[C, E*B]`` from weight_grad_operands' result for N pairs (all tensors
+    contiguous). `tiles` overrides the default config."""
+    classes, emb = dweight.shape[0], dweight.shape[1] // block_size
+    shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dweight.dtype)
+    tiles = tiles or pick_tiles(WEIGHT_GRAD_TILES, dweight.dtype, precision, dweight.device)
+    launch = tiles.launch_args(block_size)
+    grad = operands.grad
+    assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad with weight_grad_operands"
+    launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, operands.hs, operands.ts, dweight, n, grad.shape[1],
+                                                           **shapes, **launch)
+
+
+def launch_input_grad(grad, weight, hs, ts, dhs, dts, *, classes, block_size, symmetric, precision, tiles=None):
+    """Fill dhs and dts ``[N, E]`` from padded_grad's grad and input_grad_operand's weight (all
+    tensors contiguous). `tiles` overrides the default config."""
     n, emb = hs.shape
-    shapes = dict(
-        E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
-        COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
-        K_MAJOR=k_major(hs.dtype),
+    if n == 0:
+        return
+    tiles = tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
+    launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
+        grad, hs, ts, weight, dhs, dts, n, **kernel_shapes(emb, classes, block_size, symmetric, precision, hs.dtype),
+        **tiles.launch_args(block_size)
     )
-    if dweight is not None:
-        tiles = weight_tiles or pick_tiles(WEIGHT_GRAD_TILES, hs.dtype, precision, hs.device)
-        launch = tiles.launch_args(block_size)
-        if shapes["K_MAJOR"]:
-            grad, hs_w, ts_w = operands.grad_t, operands.hs_t, operands.ts_t
-            assert grad.shape[1] % launch["BLOCK_N"] == 0, "pad grad, hs and ts with backward_operands"
-        else:
-            grad, hs_w, ts_w = operands.grad, hs, ts
-        launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, hs_w, ts_w, dweight, n, grad.shape[1], **shapes,
-                                                               **launch)
-    if dhs is not None and n > 0:
-        tiles = input_tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
-        launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
-            operands.grad, hs, ts, operands.weight, dhs, dts, n, **shapes, **tiles.launch_args(block_size)
-        )
