@@ -213,13 +213,24 @@ def run(args):
 
     timings, rows, refused = {}, [], {}
     for key, (setup, fn) in jobs(args, device, providers, steps, refused):
-        reps = args.reps if key[1] != args.large_n else 2
-        timings[key] = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
-        line = "  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timings[key])
-        if device.type == "cuda":
-            rows.append(row(key, timings[key], harness.peak_extra_mib(fn, device, setup)))
+        dtype_name, n, mode, provider = key
+        if (dtype_name, n, provider) in refused:
+            continue
+        reps = args.reps if n != args.large_n else 2
+        try:
+            timing = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
+            peak = harness.peak_extra_mib(fn, device, setup) if device.type == "cuda" else None
+        except Exception as error:  # e.g. a backward that fails: the other providers' rows still count
+            refused[dtype_name, n, provider] = f"{mode} failed: {type(error).__name__}: {error}"
+            print(f"  {dtype_name:5s} N={n:6d} {provider}: {refused[dtype_name, n, provider]}: not benchmarked further",
+                  flush=True)
+            continue
+        timings[key] = timing
+        line = "  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timing)
+        if peak is not None:
+            rows.append(row(key, timing, peak))
             harness.append_rows(rows[-1:], device, args.results)
-            line += f" {rows[-1]['peak_mem_mib']:9.1f} MiB"
+            line += f" {peak:9.1f} MiB"
         print(line, flush=True)
     if device.type == "cpu":
         print("peak extra memory ...", flush=True)

@@ -47,14 +47,30 @@ def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
         assert {r["provider"] for r in csv.DictReader(f)} == {"eager"}
 
 
-def test_bench_skips_a_failing_provider(monkeypatch, tmp_path):
-    def failing(case):
-        raise RuntimeError("no kernel for this GPU")
-    monkeypatch.setattr(run, "make_step", lambda p: failing if p == "fused-cpp" else run.loss_provider("reference"))
+@pytest.mark.parametrize("fails_in", ["forward", "backward"])
+def test_bench_skips_a_failing_provider(monkeypatch, tmp_path, fails_in):
+    class Failing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            if fails_in == "forward":
+                raise RuntimeError("no kernel for this GPU")
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no kernel for this GPU")
+
+    eager = run.loss_provider("reference")
+    failing = lambda case: Failing.apply(eager(case))  # noqa: E731
+    monkeypatch.setattr(run, "make_step", lambda p: failing if p == "fused-cpp" else eager)
     args = run.parse_args(["--device", "cpu", "--n", "8", "--large-n", "0", "--seconds", "0", "--emb", "16", "--block", "4",
                            "--classes", "5", "--providers", "eager", "fused-cpp", "--results", str(tmp_path)])
     with pytest.raises(SystemExit, match="fused-cpp .*failed: RuntimeError: no kernel for this GPU"):
         run.run(args)
+    with open(tmp_path / f"{harness.device_name(torch.device('cpu'))}.csv") as f:
+        written = {(r["provider"], r["mode"]) for r in csv.DictReader(f)}
+    assert {("eager", mode) for mode in run.MODES} <= written
+    assert written - {("eager", mode) for mode in run.MODES} <= {("fused-cpp", "fwd")}
 
 
 def test_cpu_peak_memory_sees_allocations(tmp_path):

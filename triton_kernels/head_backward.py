@@ -86,7 +86,7 @@ def weight_grad_kernel(
             # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to a
             # multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would split
             # the copies into single elements.
-            grad_tile = tl.load(grad + cs[None, :] * grad_stride + ns[:, None])
+            grad_tile = tl.load(grad + cs.to(tl.int64)[None, :] * grad_stride + ns[:, None])
         else:  # grad is [N, BLOCK_C]
             grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
         acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]), grad_tile, acc, PRECISION)
@@ -213,9 +213,15 @@ def k_major(dtype):
 
 
 def transposed(x, shape, dtype=None):
-    """``x.t()`` in the leading corner of a zero tensor of `shape` (and `dtype`, default x's)."""
-    out = x.new_zeros(shape, dtype=dtype or x.dtype)
-    out[:x.shape[1], :x.shape[0]] = x.t()
+    """``x.t()`` in the leading corner of a tensor of `shape` (and `dtype`, default x's), zeros
+    elsewhere; only the padding is zero-filled (for hs and ts at N=4096 there is none)."""
+    rows, cols = x.shape[1], x.shape[0]
+    out = x.new_empty(shape, dtype=dtype or x.dtype)
+    out[:rows, :cols] = x.t()
+    if rows < shape[0]:
+        out[rows:].zero_()
+    if cols < shape[1]:
+        out[:rows, cols:].zero_()
     return out
 
 
