@@ -214,14 +214,14 @@ def k_major(dtype):
 
 def transposed(x, shape, dtype=None):
     """``x.t()`` in the leading corner of a tensor of `shape` (and `dtype`, default x's), zeros
-    elsewhere; only the padding is zero-filled (for hs and ts at N=4096 there is none)."""
+    elsewhere; only the padding is zero-filled (for hs and ts at N=4096 there is none). No branch
+    on the sizes, which are symbolic when torch.compile traces with dynamic shapes: zeroing an
+    empty slice launches nothing."""
     rows, cols = x.shape[1], x.shape[0]
     out = x.new_empty(shape, dtype=dtype or x.dtype)
     out[:rows, :cols] = x.t()
-    if rows < shape[0]:
-        out[rows:].zero_()
-    if cols < shape[1]:
-        out[:rows, cols:].zero_()
+    out[rows:].zero_()
+    out[:rows, cols:].zero_()
     return out
 
 
