@@ -23,7 +23,7 @@ transposed (``[E, N']``): from ``[N, E]`` their group tile came by 4-byte copies
   d hs and d ts.
 d bias is grad's column sum, done by the caller.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -212,14 +212,14 @@ def k_major(dtype):
     return dtype == torch.float32
 
 
-def transposed(x, shape, dtype=None):
-    """``x.t()`` in the leading corner of a tensor of `shape` (and `dtype`, default x's), zeros
+def zero_padded(x, shape, dtype=None):
+    """2-D `x` in the leading corner of a tensor of `shape` (and `dtype`, default x's), zeros
     elsewhere; only the padding is zero-filled (for hs and ts at N=4096 there is none). No branch
     on the sizes, which are symbolic when torch.compile traces with dynamic shapes: zeroing an
     empty slice launches nothing."""
-    rows, cols = x.shape[1], x.shape[0]
+    rows, cols = x.shape
     out = x.new_empty(shape, dtype=dtype or x.dtype)
-    out[:rows, :cols] = x.t()
+    out[:rows, :cols] = x
     out[rows:].zero_()
     out[:rows, cols:].zero_()
     return out
@@ -229,9 +229,7 @@ def padded_grad(grad_logits, dtype):
     """d loss / d logits ``[N, C]`` as the backward kernels' grad, ``[N, BLOCK_C]`` in `dtype` (the
     operands'), classes zero-padded: 16-byte rows, read unmasked along the classes."""
     n, classes = grad_logits.shape
-    grad = grad_logits.new_zeros((n, padded(classes)), dtype=dtype)
-    grad[:, :classes] = grad_logits
-    return grad
+    return zero_padded(grad_logits, (n, padded(classes)), dtype)
 
 
 class WeightGradOperands(NamedTuple):
@@ -249,8 +247,8 @@ def weight_grad_operands(grad, hs, ts):
         return WeightGradOperands(grad, hs, ts)
     n, block_c = grad.shape
     pairs = cdiv(n, PAIR_PADDING) * PAIR_PADDING
-    return WeightGradOperands(transposed(grad, (block_c, pairs)), transposed(hs, (hs.shape[1], pairs)),
-                              transposed(ts, (ts.shape[1], pairs)))
+    return WeightGradOperands(zero_padded(grad.t(), (block_c, pairs)), zero_padded(hs.t(), (hs.shape[1], pairs)),
+                              zero_padded(ts.t(), (ts.shape[1], pairs)))
 
 
 def input_grad_operand(weight):
@@ -258,7 +256,7 @@ def input_grad_operand(weight):
     transposed copy ``[E*B, BLOCK_C]``, classes zero-padded."""
     if not k_major(weight.dtype):
         return weight
-    return transposed(weight, (weight.shape[1], padded(weight.shape[0])))
+    return zero_padded(weight.t(), (weight.shape[1], padded(weight.shape[0])))
 
 
 def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
