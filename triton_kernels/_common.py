@@ -35,8 +35,10 @@ def direct_launches():
 def launcher(kernel):
     """What the launch sites index with the grid: ``wrap_triton(kernel)`` where wrap_triton is on
     (an operator being traced, or outside ``direct_launches``), else the kernel itself, as
-    wrap_triton would return it; its own checks cost about 2.4 us per launch on this project's CPU."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+    wrap_triton would return it; its own checks cost about 2.4 us per launch on this project's CPU.
+    Interpreted kernels (TRITON_INTERPRET=1), which wrap_triton cannot trace, launch as they are:
+    torch 2.13's wrap_triton returns them unchanged, 2.11's raises."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() and not TRITON_INTERPRET else kernel
 
 
 # Host-side arithmetic for launches in plain Python: triton.cdiv and triton.next_power_of_2 are
