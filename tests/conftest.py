@@ -14,9 +14,26 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from torch.torch_version import TorchVersion  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels import reference  # noqa: E402
+
+
+def pytest_configure(config):
+    """Refuse a Triton whose interpreter cannot run the kernels here, naming the fix. Triton 3.6's
+    interpreter takes a loop bound's value as int() of a 1-element array, which numpy 2.4 refuses
+    (Triton 3.7 squeezes it first): every Triton test would fail with a TypeError."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__}: "
+                                "pip install 'numpy<2.4' or 'triton>=3.7'")
 
 
 def devices():
