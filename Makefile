@@ -19,7 +19,7 @@ $(VPY):
 # of its own). Re-run when this Makefile changes, so existing venvs pick up new dependencies.
 $(VENV)/.deps-stamp: Makefile | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_CPU)
-	$(PIP) install "setuptools>=64" ninja triton pytest pytest-benchmark matplotlib \
+	$(PIP) install "setuptools>=70.1" ninja triton pytest pytest-benchmark matplotlib \
 		"transformers>=4.57" tokenizers tqdm
 	touch $@
 
@@ -57,7 +57,7 @@ $(CUDA_VPY):
 	$(PYTHON) -m venv $(CUDA_VENV)
 
 $(CUDA_VENV)/.deps-stamp: | $(CUDA_VPY)
-	$(CUDA_VPY) -m pip install $(TORCH_CUDA) "setuptools>=64" ninja
+	$(CUDA_VPY) -m pip install $(TORCH_CUDA) "setuptools>=70.1" ninja
 	touch $@
 
 check-cuda-build: $(CUDA_VENV)/.deps-stamp
