@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -377,8 +379,20 @@ class Processes:
             dist.barrier()
 
     def close(self):
+        """Destroy the process group, once the DDP model is gone (see main).
+
+        Gloo's process group joins its worker threads when it is destroyed, and a worker may still
+        be freeing a finished collective, which takes the GIL. Destroyed by a C++ owner that holds
+        the GIL (seen: DDP's reducer, when the DDP model outlived destroy_process_group), the group
+        waits for that worker while the worker waits for the GIL: a hang at exit, in about 1 run in
+        40 of the two-process demo here (torch 2.13). Released from a Python handle, the group is
+        destroyed with the GIL released (torch binds ProcessGroup so). So the DDP model is gone
+        before this runs, and the handle taken below is the group's last owner."""
         if self.distributed:
+            gc.collect()  # a DDP model in a reference cycle: freed now, while the group lives on
+            group = dist.group.WORLD
             dist.destroy_process_group()
+            del group  # the group's last owner: destroyed here, without the GIL
 
 
 def autocast_dtype(amp, device):
@@ -568,46 +582,57 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     processes = Processes()
     try:
-        seed_everything(args.seed)
-        docs = load_documents(args)
-        rel2id, rel2id_path = load_rel2id(args, docs)
-        num_classes = args.num_class or len(rel2id)
-        if num_classes != len(rel2id):
-            raise SystemExit(f"--num_class {args.num_class} does not match the {len(rel2id)} relation ids of "
-                             f"{rel2id_path or 'the data'}; pass --num_class {len(rel2id)} or the matching --rel2id")
-        tokenizer, encoder = build_encoder(args, docs, num_classes)
-        # Evaluating a checkpoint reads only dev and test (Ign F1 needs the training documents, not
-        # their features): the training and distant sets are not tokenised.
-        features = read_features({split: split_docs for split, split_docs in docs.items()
-                                  if not args.load_path or split in ("dev", "test")}, tokenizer, rel2id, args)
-        seed_everything(args.seed)  # as ATLOP: the head's initialisation does not depend on what came before
-        model = DocREModel(encoder.config, encoder, args.emb_size, args.block_size, args.num_labels, loss=args.loss,
-                           gamma=args.gamma, margin_reg=args.margin_reg, symmetric=args.symmetric)
-        model.to(processes.device)
-        if processes.is_main:
-            print(f"{'synthetic demo' if args.synthetic else args.data_dir}: "
-                  + ", ".join(f"{len(f)} {split}" for split, f in features.items())
-                  + f" documents; {num_classes} classes (ids: {rel2id_path or 'built from the data'}); "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; preset {args.preset}: "
-                  f"loss={args.loss} gamma={args.gamma} margin_reg={args.margin_reg} symmetric={args.symmetric}; "
-                  f"{processes.world_size} process(es) on {processes.device}", file=sys.stderr)
-
-        if args.load_path:
-            if processes.is_main:
-                amp_dtype = autocast_dtype(args.amp, processes.device)
-                state = torch.load(args.load_path, map_location=processes.device, weights_only=True)
-                model.load_state_dict(state, strict=True)
-                emit({"phase": "load", **evaluate(model, features, docs, rel2id, args, processes.device, amp_dtype,
-                                                  dev_labels(features, rel2id))})
-                write_test_predictions(model, features, rel2id, args, processes.device, amp_dtype)
-            processes.barrier()
-            return
-        trainer = Trainer(model, features, docs, rel2id, args, processes)
-        if "distant" in features:
-            trainer.run_phase("distant", features["distant"], args.distant_epochs)
-        trainer.run_phase("annotated", features["train"], args.num_train_epochs)
+        # The model, DDP's included, lives in run's frame: gone when it returns, before the
+        # process group goes (Processes.close).
+        run(args, processes)
+    except BaseException as error:
+        if processes.distributed:  # the traceback's frames hold the model: let it go all the same
+            traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         processes.close()
+
+
+def run(args, processes):
+    """Train, or with --load_path evaluate, as `args` say."""
+    seed_everything(args.seed)
+    docs = load_documents(args)
+    rel2id, rel2id_path = load_rel2id(args, docs)
+    num_classes = args.num_class or len(rel2id)
+    if num_classes != len(rel2id):
+        raise SystemExit(f"--num_class {args.num_class} does not match the {len(rel2id)} relation ids of "
+                         f"{rel2id_path or 'the data'}; pass --num_class {len(rel2id)} or the matching --rel2id")
+    tokenizer, encoder = build_encoder(args, docs, num_classes)
+    # Evaluating a checkpoint reads only dev and test (Ign F1 needs the training documents, not
+    # their features): the training and distant sets are not tokenised.
+    features = read_features({split: split_docs for split, split_docs in docs.items()
+                              if not args.load_path or split in ("dev", "test")}, tokenizer, rel2id, args)
+    seed_everything(args.seed)  # as ATLOP: the head's initialisation does not depend on what came before
+    model = DocREModel(encoder.config, encoder, args.emb_size, args.block_size, args.num_labels, loss=args.loss,
+                       gamma=args.gamma, margin_reg=args.margin_reg, symmetric=args.symmetric)
+    model.to(processes.device)
+    if processes.is_main:
+        print(f"{'synthetic demo' if args.synthetic else args.data_dir}: "
+              + ", ".join(f"{len(f)} {split}" for split, f in features.items())
+              + f" documents; {num_classes} classes (ids: {rel2id_path or 'built from the data'}); "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; preset {args.preset}: "
+              f"loss={args.loss} gamma={args.gamma} margin_reg={args.margin_reg} symmetric={args.symmetric}; "
+              f"{processes.world_size} process(es) on {processes.device}", file=sys.stderr)
+
+    if args.load_path:
+        if processes.is_main:
+            amp_dtype = autocast_dtype(args.amp, processes.device)
+            state = torch.load(args.load_path, map_location=processes.device, weights_only=True)
+            model.load_state_dict(state, strict=True)
+            emit({"phase": "load", **evaluate(model, features, docs, rel2id, args, processes.device, amp_dtype,
+                                              dev_labels(features, rel2id))})
+            write_test_predictions(model, features, rel2id, args, processes.device, amp_dtype)
+        processes.barrier()
+        return
+    trainer = Trainer(model, features, docs, rel2id, args, processes)
+    if "distant" in features:
+        trainer.run_phase("distant", features["distant"], args.distant_epochs)
+    trainer.run_phase("annotated", features["train"], args.num_train_epochs)
 
 
 if __name__ == "__main__":

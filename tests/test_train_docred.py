@@ -1,6 +1,8 @@
 """ncrl_kernels.train_docred, the CLI with ATLOP's train.py flags, on a DocRED-style directory
 (train/dev/test/distant JSON, meta/rel2id.json where ATLOP reads it, a tiny BERT saved with
 save_pretrained). Runs in this process (main(argv)) where it can, to keep the import cost once."""
+import contextlib
+import gc
 import json
 import os
 from contextlib import redirect_stdout
@@ -12,6 +14,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
@@ -302,6 +305,41 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [(line["epoch"], line["step"]) for line in lines] == [(1, 2), (2, 4)]
     assert "2 process(es) on cpu" in done.stderr
     assert (tmp_path / "ddp.pt").exists()
+
+
+class OneGlooProcess(train_docred.Processes):
+    """Processes made to count as distributed with a gloo group of this process alone, so that the
+    trainer wraps the model in DDP; close() records the DDP models still alive when it runs."""
+
+    distributed = True
+    ddp_alive_at_close = None
+
+    def __init__(self):
+        self.world_size, self.rank, self.device = 1, 0, torch.device("cpu")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def close(self):
+        gc.collect()
+        OneGlooProcess.ddp_alive_at_close = [o for o in gc.get_objects()
+                                             if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+        super().close()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "raises"])
+def test_ddp_model_is_gone_before_the_process_group(tmp_path, monkeypatch, fails):
+    """main() destroys the process group only after the DDP model is freed, also when training
+    raises: a gloo group destroyed by DDP's reducer can hang the process at exit
+    (Processes.close)."""
+    monkeypatch.setattr(train_docred, "Processes", OneGlooProcess)
+    monkeypatch.chdir(tmp_path)
+    if fails:
+        def run_phase(self, *args):
+            raise RuntimeError("training failed")
+        monkeypatch.setattr(train_docred.Trainer, "run_phase", run_phase)
+    with redirect_stdout(StringIO()), pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        train_docred.main([*TINY_DEMO, "--num_train_epochs", "1"])
+    assert OneGlooProcess.ddp_alive_at_close == []
+    assert not dist.is_initialized()
 
 
 def test_accumulated_gradient_is_the_mean_of_its_batches_gradients():
