@@ -107,14 +107,15 @@ def head_forward_kernel(
 # B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
 # splits, so one row per dot. "/sm8x": for GPUs without wgmma (_common.table_key), from the
 # sm_80 and sm_86 compiles (untimed: no such GPU has run them): one row per dot, as two spill or
-# overflow shared memory there.
+# overflow shared memory there; 3xTF32 16-pair tiles, as Triton 3.8 spilled 32-pair ones (16 B per
+# thread on sm_86; Triton 3.6 and 3.9 did not), at the cost of reading W once per 16 pairs.
 FORWARD_TILES = {
     "16bit": [Tiles(128, 2, 8, 3), Tiles(64, 2, 4, 3), Tiles(128, 4, 8, 2)],
     "16bit/sm8x": [Tiles(64, 1, 8, 3)],
     "tf32": [Tiles(128, 2, 8, 2), Tiles(64, 2, 4, 2)],
     "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
-    "tf32x3/sm8x": [Tiles(32, 1, 8, 2)],
+    "tf32x3/sm8x": [Tiles(16, 1, 8, 2)],
     "fp64": [Tiles(64, 1, 4, 2)],
     "fp64/sm8x": [Tiles(16, 1, 4, 2)],
 }
