@@ -11,7 +11,9 @@ Each backend family is called three ways, same arguments, same kernels:
   which torch.compile traces (and which eager calls took before the Functions).
 
 On a GPU the kernels launch for real at N=1024 (less GPU work than host work, so the loop, which
-does not wait for the GPU, measures the host). On a CPU, the Triton family runs with its launches
+does not wait for the GPU, measures the host), and the Triton family's ``function`` path is timed
+once more with its launches replaced by no-ops (``stubbed``): the difference is what Triton's
+launcher costs that host for a step's launches. On a CPU, the Triton family runs with its launches
 replaced by no-ops (under TRITON_INTERPRET=1, which this script sets; wrap_triton's tracing path,
 which eager launches skip on a GPU too, is never taken there: test_eager_calls_launch_directly
 checks the GPU route) and the C++ family runs its kernels at a tiny shape; the host path does
@@ -22,6 +24,7 @@ not depend on the shape. ``launches`` counts the Triton launches of a step (CPU 
 Rows go to bench/results/<device>-host-path.csv.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -58,11 +61,20 @@ class NoLaunch:
         return launch
 
 
-def stub_triton_launches():
+@contextlib.contextmanager
+def stubbed_triton_launches():
+    """The Triton kernels' launch sites call NoLaunch instead of Triton while inside."""
     from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
 
-    for module in (head_forward, head_backward, loss_rows):
+    modules = (head_forward, head_backward, loss_rows)
+    launchers = [module.launcher for module in modules]
+    for module in modules:
         module.launcher = NoLaunch
+    try:
+        yield
+    finally:
+        for module, launcher in zip(modules, launchers):
+            module.launcher = launcher
 
 
 def family_of(backend):
@@ -128,8 +140,17 @@ def main(argv=None):
     p.add_argument("--results", default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    if DEVICE.type == "cpu":
-        stub_triton_launches()
+    with stubbed_triton_launches() if DEVICE.type == "cpu" else contextlib.nullcontext():
+        measure(args)
+
+
+def paths(family):
+    """(path, stubbed) pairs timed for `family` on this device."""
+    stubbed_too = [("stubbed", True)] if DEVICE.type == "cuda" and family == "triton" else []
+    return [(path, False) for path in PATHS] + stubbed_too
+
+
+def measure(args):
     name, commit, stamp = harness.device_name(DEVICE), harness.git_commit(), harness.timestamp()
     rows = []
     print(f"{'family':<10} {'path':<9} {'dtype':<9} {'N':>5}  {'host us/step (p20-p80)':>24}  launches")
@@ -141,12 +162,13 @@ def main(argv=None):
         labels = torch.zeros(n, classes, device=DEVICE)
         labels[:, 0] = 1
         extra = (ncrl_kernels.triton_kernels.backend.precision_for(dtype),) if family == "triton" else ()
-        for path in PATHS:
-            step = make_step(backend, path, (hs, ts, weight, bias, labels), block, extra)
-            p50, p20, p80 = host_us(step, args.steps, args.repeats)
-            NoLaunch.launches = 0
-            step()
-            launches = NoLaunch.launches if family == "triton" and DEVICE.type == "cpu" else ""
+        for path, stubbed in paths(family):
+            step = make_step(backend, "function" if stubbed else path, (hs, ts, weight, bias, labels), block, extra)
+            with stubbed_triton_launches() if stubbed else contextlib.nullcontext():
+                p50, p20, p80 = host_us(step, args.steps, args.repeats)
+                NoLaunch.launches = 0
+                step()
+            launches = NoLaunch.launches if family == "triton" and (stubbed or DEVICE.type == "cpu") else ""
             dtype_name = str(dtype).removeprefix("torch.")
             print(f"{family:<10} {path:<9} {dtype_name:<9} {n:>5}  {f'{p50:.0f} ({p20:.0f}-{p80:.0f})':>24}  {launches:>8}")
             rows.append(dict(family=family, path=path, dtype=dtype_name, n_pairs=n, emb=emb, block=block,
