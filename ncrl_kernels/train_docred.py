@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import gc
 import json
 import math
 import os
@@ -387,9 +386,9 @@ class Processes:
         waits for that worker while the worker waits for the GIL: a hang at exit, in about 1 run in
         40 of the two-process demo here (torch 2.13). Released from a Python handle, the group is
         destroyed with the GIL released (torch binds ProcessGroup so). So the DDP model is gone
-        before this runs, and the handle taken below is the group's last owner."""
+        before this runs, and the handle taken below is the group's last owner (unless something
+        else kept one, which then frees it from Python too)."""
         if self.distributed:
-            gc.collect()  # a DDP model in a reference cycle: freed now, while the group lives on
             group = dist.group.WORLD
             dist.destroy_process_group()
             del group  # the group's last owner: destroyed here, without the GIL
@@ -586,11 +585,24 @@ def main(argv=None):
         # process group goes (Processes.close).
         run(args, processes)
     except BaseException as error:
-        if processes.distributed:  # the traceback's frames hold the model: let it go all the same
-            traceback.clear_frames(error.__traceback__)
+        if processes.distributed:  # the tracebacks' frames hold the model: let it go all the same
+            clear_frames(error)
         raise
     finally:
         processes.close()
+
+
+def clear_frames(error):
+    """Drop the local variables of the finished frames in the tracebacks of `error` and of the
+    exceptions it chains (causes and contexts), which keep the objects those frames held alive."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
 
 
 def run(args, processes):

@@ -3,6 +3,7 @@
 save_pretrained). Runs in this process (main(argv)) where it can, to keep the import cost once."""
 import contextlib
 import gc
+import glob
 import json
 import os
 from contextlib import redirect_stdout
@@ -309,37 +310,67 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 class OneGlooProcess(train_docred.Processes):
     """Processes made to count as distributed with a gloo group of this process alone, so that the
-    trainer wraps the model in DDP; close() records the DDP models still alive when it runs."""
+    trainer wraps the model in DDP."""
 
     distributed = True
-    ddp_alive_at_close = None
 
     def __init__(self):
         self.world_size, self.rank, self.device = 1, 0, torch.device("cpu")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
-    def close(self):
-        gc.collect()
-        OneGlooProcess.ddp_alive_at_close = [o for o in gc.get_objects()
-                                             if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
-        super().close()
+
+def gloo_threads():
+    """Names of this process's threads that gloo runs (Linux: /proc/self/task)."""
+    names = []
+    for path in glob.glob("/proc/self/task/*/comm"):
+        with contextlib.suppress(OSError), open(path) as comm:
+            names.append(comm.read().strip())
+    return [name for name in names if "gloo" in name]
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "raises"])
-def test_ddp_model_is_gone_before_the_process_group(tmp_path, monkeypatch, fails):
-    """main() destroys the process group only after the DDP model is freed, also when training
-    raises: a gloo group destroyed by DDP's reducer can hang the process at exit
-    (Processes.close)."""
+def fail_in_a_step(trainer):
+    raise RuntimeError("a failing step")
+
+
+@pytest.mark.parametrize("fails", [None, "raises", "raises-chained"])
+def test_process_group_outlives_the_ddp_model(tmp_path, monkeypatch, fails):
+    """main() destroys the process group only once the DDP model is gone, also when training
+    raises (and when the error chains another, raised deeper): a gloo group that DDP's reducer
+    destroys can hang the process at exit (Processes.close). The group outlives
+    destroy_process_group, held by close()'s handle, and is gone (its gloo threads joined) when
+    main() returns. Nothing is garbage-collected here: a DDP model waiting for collection counts as
+    alive."""
     monkeypatch.setattr(train_docred, "Processes", OneGlooProcess)
     monkeypatch.chdir(tmp_path)
-    if fails:
-        def run_phase(self, *args):
+    at_destroy = []  # (DDP models alive, whether gloo's threads run on after destroy_process_group)
+    destroy = dist.destroy_process_group
+
+    def counting_destroy(*args):
+        ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        destroy(*args)
+        at_destroy.append((ddp, bool(gloo_threads())))
+
+    monkeypatch.setattr(dist, "destroy_process_group", counting_destroy)
+
+    def run_phase(self, *args):
+        if fails == "raises":
             raise RuntimeError("training failed")
+        try:
+            fail_in_a_step(self)  # a frame that only the chained error's traceback holds
+        except RuntimeError as error:
+            raise RuntimeError("training failed") from error
+
+    if fails:
         monkeypatch.setattr(train_docred.Trainer, "run_phase", run_phase)
-    with redirect_stdout(StringIO()), pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+    with redirect_stdout(StringIO()), (pytest.raises(RuntimeError, match="training failed") if fails
+                                       else contextlib.nullcontext()):
         train_docred.main([*TINY_DEMO, "--num_train_epochs", "1"])
-    assert OneGlooProcess.ddp_alive_at_close == []
     assert not dist.is_initialized()
+    if sys.platform == "linux":
+        assert at_destroy == [(0, True)]
+        assert gloo_threads() == []
+    else:
+        assert [ddp for ddp, _ in at_destroy] == [0]
 
 
 def test_accumulated_gradient_is_the_mean_of_its_batches_gradients():
