@@ -5,6 +5,7 @@ GPU, Triton runs under its interpreter (TRITON_INTERPRET=1, set here before anyt
 triton), so CI checks the Triton kernels too.
 """
 import os
+import re
 
 import torch
 
@@ -14,10 +15,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from torch.torch_version import TorchVersion  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels import reference  # noqa: E402
+
+
+def major_minor(version):
+    """(major, minor) of a version string, pre-releases included: "3.7.0rc1" -> (3, 7)."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
 
 
 def pytest_configure(config):
@@ -31,7 +36,7 @@ def pytest_configure(config):
         import triton
     except ImportError:
         return
-    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__}: "
                                 "pip install 'numpy<2.4' or 'triton>=3.7'")
 

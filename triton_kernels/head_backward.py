@@ -184,7 +184,7 @@ def input_grad_kernel(
 # (TF32) faster than 64; two rows per dot in d input ran 5x slower, so it has one. d weight sums
 # over pair tiles in order, so a config's block_n fixes its summation order. "/sm8x": see
 # head_forward.FORWARD_TILES; the 16-bit input grad's defaults fit there as they are. 3xTF32's d
-# weight there: 16-pair tiles, as Triton 3.8 spilled 32-pair ones (650-680 B per thread on sm_80
+# weight there: 16-pair tiles, as Triton 3.8 spilled 32-pair ones (648-680 B per thread on sm_80
 # and sm_86; Triton 3.6 and 3.9 did not).
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
