@@ -59,9 +59,6 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     capability picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
     torch_dtype, ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
-    shape = dict(E=emb, B=block, C=classes, BLOCK_J=padded(block), BLOCK_C=padded(classes), PRECISION=precision,
-                 COMPUTE_FP64=dtype == "fp64")
-    backward = dict(K_MAJOR=head_backward.k_major(torch_dtype))
     kind = kind_of(dtype)
 
     def tiles(table):
@@ -71,14 +68,14 @@ def variants(dtype, emb, block, classes, all_configs, arch):
 
     out = []
     for symmetric in (False, True):
-        common = dict(shape, SYMMETRIC=symmetric)
+        forward = head_forward.head_constants(emb, classes, block, symmetric, precision, torch_dtype)
+        backward = head_backward.kernel_shapes(emb, classes, block, symmetric, precision, torch_dtype)
         out.append((f"forward sym={symmetric}", head_forward.head_forward_kernel,
-                    dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), common, tiles(head_forward.FORWARD_TILES)))
+                    dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
         out.append((f"weight grad sym={symmetric}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), dict(common, **backward),
-                    tiles(head_backward.WEIGHT_GRAD_TILES)))
+                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), backward, tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad sym={symmetric}", head_backward.input_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), dict(common, **backward),
+                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), backward,
                     tiles(head_backward.INPUT_GRAD_TILES)))
     epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS)
     pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr, row_loss=loss_ptr)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import Tiles, cdiv, launcher, mma, padded, pick_tiles
-from .head_forward import rows_of, weight_rows_at
+from .head_forward import head_constants, rows_of, weight_rows_at
 
 
 @triton.jit
@@ -258,10 +258,8 @@ def input_grad_operand(weight):
 
 
 def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
-    """The compile-time arguments both backward kernels take."""
-    return dict(E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
-                COMPUTE_FP64=dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
-                K_MAJOR=k_major(dtype))
+    """The compile-time arguments both backward kernels take: the head kernels' and K_MAJOR."""
+    return dict(head_constants(emb, classes, block_size, symmetric, precision, dtype), K_MAJOR=k_major(dtype))
 
 
 def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision, tiles=None):

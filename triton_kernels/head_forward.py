@@ -143,6 +143,13 @@ def split_count(tiles, n, emb, block_size, device):
     return cdiv(steps, cdiv(steps, split))
 
 
+def head_constants(emb, classes, block_size, symmetric, precision, dtype):
+    """The compile-time arguments every head kernel takes, forward and backward, for inputs of
+    `dtype` (compile_check compiles with the same)."""
+    return dict(E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
+                COMPUTE_FP64=dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes))
+
+
 def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, tiles=None):
     """Partial logits ``[SPLIT, N, C]`` in the compute dtype (fp32, fp64 for fp64 inputs): their
     sum over the first dimension is hs, ts's head without the bias. All tensors contiguous.
@@ -157,8 +164,6 @@ def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, til
         return partial
     launcher(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
         hs, ts, weight, partial, n, cdiv(steps, split),
-        E=emb, B=block_size, C=classes, SYMMETRIC=symmetric, PRECISION=precision,
-        COMPUTE_FP64=hs.dtype == torch.float64, BLOCK_J=padded(block_size), BLOCK_C=padded(classes),
-        **tiles.launch_args(block_size),
+        **head_constants(emb, classes, block_size, symmetric, precision, hs.dtype), **tiles.launch_args(block_size),
     )
     return partial
