@@ -56,7 +56,16 @@ TORCH_CUDA := torch==2.14.1
 $(CUDA_VPY):
 	$(PYTHON) -m venv $(CUDA_VENV)
 
+# The CUDA torch takes about 5.5 GiB installed; a full disk would otherwise fail deep in pip with
+# "No space left on device", so check first and say what to do.
+CUDA_VENV_GIB := 7
+
 $(CUDA_VENV)/.deps-stamp: | $(CUDA_VPY)
+	@free=$$(df -Pk $(CUDA_VENV) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(CUDA_VENV_GIB) ]; then \
+		echo "check-cuda-build: installing $(TORCH_CUDA) into $(CUDA_VENV) needs about $(CUDA_VENV_GIB) GiB free disk, $$free GiB is free; free some (e.g. 'make clean' in old clones) and re-run" >&2; \
+		exit 1; \
+	fi
 	$(CUDA_VPY) -m pip install $(TORCH_CUDA) "setuptools>=70.1" ninja
 	touch $@
 
