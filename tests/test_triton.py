@@ -153,10 +153,10 @@ def test_eager_calls_launch_directly(device, monkeypatch):
     wrap_triton's tracing path each launch would cost the host more than a kernel's GPU time."""
     from torch._library.triton import is_wrap_triton_enabled
 
-    from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows
+    from ncrl_kernels.triton_kernels.backend import LAUNCHING_MODULES
 
     launches = []
-    for module in (head_forward, head_backward, loss_rows):
+    for module in LAUNCHING_MODULES:
         def spy(kernel, launcher=module.launcher):
             launches.append(is_wrap_triton_enabled())
             return launcher(kernel)

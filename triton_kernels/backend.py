@@ -35,11 +35,16 @@ from torch import Tensor
 from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
+from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
 from ._common import LOSS_CODES, direct_launches, precision_for
 from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
                             weight_grad_operands)
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue
+
+# Every module whose kernels launch through its module-level ``launcher`` name: intercepting
+# launches means patching it in each (tests/test_triton.py, bench/host_path.py).
+LAUNCHING_MODULES = (forward_kernels, backward_kernels, loss_kernels)
 
 
 def _on_device(tensor):
