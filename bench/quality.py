@@ -20,13 +20,15 @@ measures it on a synthetic multi-label task with the same small model trained wi
   labels on the clean test split; mean and standard deviation over seeds.
 
 Writes ``quality.csv`` (one row per run), ``quality.md`` (the table) and ``quality.png`` (F1
-against the false-negative rate) to ``--out`` (default bench/results/).
+against the false-negative rate) to ``--out`` (default bench/results/). Needs matplotlib for the
+plot (``pip install matplotlib``, or the ``bench`` extra).
 
     python bench/quality.py                 # 3 seeds, a few minutes on 2 CPU cores
 """
 import argparse
 import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -197,8 +199,18 @@ def write_results(rows, args):
     return table
 
 
+def require_matplotlib():
+    """The plot is drawn last: a missing matplotlib must stop the run before minutes of training."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("bench/quality.py needs matplotlib to plot its results: pip install matplotlib "
+                 "(or pip install --no-build-isolation -e \".[bench]\")")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    require_matplotlib()
     torch.set_num_threads(args.threads)
     rows = []
     start = time.perf_counter()

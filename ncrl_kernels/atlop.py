@@ -273,8 +273,10 @@ def _special_tokens(config):
     for RoBERTa."""
     transformer_type = getattr(config, "transformer_type", None)
     if transformer_type not in ("bert", "roberta"):
-        raise ValueError(f"config.transformer_type must be 'bert' or 'roberta', got {transformer_type!r}; set it "
-                         "with config.cls_token_id/sep_token_id from the tokenizer, as ATLOP's train.py does")
+        raise ValueError(f"config.transformer_type must be 'bert' or 'roberta', got {transformer_type!r}; set "
+                         "config.transformer_type to the encoder's family, as ATLOP's train.py does (it picks the "
+                         "tokens that close a long document's 512-token windows: [SEP] for 'bert', </s></s> for "
+                         "'roberta')")
     ids = {name: getattr(config, name, None) for name in ("cls_token_id", "sep_token_id")}
     missing = [name for name, value in ids.items() if value is None]
     if missing:

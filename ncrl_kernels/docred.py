@@ -130,7 +130,20 @@ def collate_fn(batch):
 def pair_labels(label_lists, num_classes):
     """ATLOP's per-document label lists (collate_fn's, or each feature's "labels") as one
     ``[pairs, num_classes]`` tensor, documents in order; a document without pairs has labels []."""
-    return torch.cat([torch.as_tensor(labels).reshape(-1, num_classes) for labels in label_lists])
+    tensors = []
+    for doc_id, labels in enumerate(label_lists):
+        labels = torch.as_tensor(labels)
+        if labels.numel() == 0:
+            labels = labels.reshape(0, num_classes)
+        # Checked, not reshaped: rows of another width would reshape into wrong rows silently, and
+        # the usual cause is DocREModel's config.num_labels left at transformers' default of 2.
+        if labels.ndim != 2 or labels.shape[1] != num_classes:
+            raise ValueError(
+                f"the labels of document {doc_id} must be rows of {num_classes} classes (the model's "
+                f"config.num_labels), got shape {list(labels.shape)}; set config.num_labels to the number of "
+                f"relation classes including {NA_RELATION!r} (len(rel2id): 97 for DocRED)")
+        tensors.append(labels)
+    return torch.cat(tensors)
 
 
 def to_official(preds, features, rel2id):

@@ -215,6 +215,19 @@ def test_config_needs_atlop_attributes(corpus):
         DocREModel(config, encoder, EMB, BLOCK)
 
 
+def test_config_without_num_labels_fails_naming_it(corpus):
+    """transformers configs default num_labels to 2, so a forgotten one builds a 2-class head; the
+    labels' width gives it away at the first forward with labels."""
+    _, tokenizer, rel2id, features = corpus
+    config, encoder = tiny_bert(tokenizer, len(rel2id))
+    config.num_labels = transformers.BertConfig().num_labels  # as if never set
+    assert config.num_labels == 2
+    model = DocREModel(config, encoder, EMB, BLOCK)
+    with pytest.raises(ValueError, match=rf"rows of 2 classes \(the model's config.num_labels\), got shape "
+                                         rf"\[\d+, {len(rel2id)}\]; set config.num_labels"):
+        model(**inputs(features))
+
+
 @pytest.mark.parametrize("end_count", [1, 2], ids=["bert", "roberta"])
 def test_long_documents_use_two_overlapping_windows(corpus, end_count):
     """A 700-token document next to a 100-token one, checked against ATLOP's definition: window 1

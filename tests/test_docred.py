@@ -111,6 +111,18 @@ def test_collate_fn_pads_like_atlop():
     assert entity_pos == [f["entity_pos"] for f in features]
 
 
+def test_pair_labels_stacks_documents_and_checks_the_row_width():
+    rows = [[0, 1, 0, 0], [1, 0, 0, 0]]
+    labels = docred.pair_labels([rows, [], [[1, 0, 0, 0]]], num_classes=4)  # [] = a document without pairs
+    assert torch.equal(labels, torch.tensor(rows + [[1, 0, 0, 0]]))
+    # Rows of 4 classes with num_classes=2 used to reshape into twice as many rows of 2.
+    with pytest.raises(ValueError, match=r"document 1 must be rows of 2 classes \(the model's config.num_labels\), "
+                                         r"got shape \[2, 4\]"):
+        docred.pair_labels([[], rows], num_classes=2)
+    with pytest.raises(ValueError, match=r"got shape \[4\]"):
+        docred.pair_labels([rows[0]], num_classes=4)
+
+
 def answer(title, h, t, r):
     return {"title": title, "h_idx": h, "t_idx": t, "r": r}
 
