@@ -5,7 +5,6 @@ GPU, Triton runs under its interpreter (TRITON_INTERPRET=1, set here before anyt
 triton), so CI checks the Triton kernels too.
 """
 import os
-import re
 
 import torch
 
@@ -20,11 +19,6 @@ import ncrl_kernels  # noqa: E402
 from ncrl_kernels import reference  # noqa: E402
 
 
-def major_minor(version):
-    """(major, minor) of a version string, pre-releases included: "3.7.0rc1" -> (3, 7)."""
-    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
-
-
 def pytest_configure(config):
     """Refuse a Triton whose interpreter cannot run the kernels here, naming the fix. Triton 3.6's
     interpreter takes a loop bound's value as int() of a 1-element array, which numpy 2.4 refuses
@@ -36,6 +30,8 @@ def pytest_configure(config):
         import triton
     except ImportError:
         return
+    from ncrl_kernels.triton_kernels._common import major_minor
+
     if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__}: "
                                 "pip install 'numpy<2.4' or 'triton>=3.7'")

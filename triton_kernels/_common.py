@@ -3,6 +3,7 @@ the shape and the GPU, never by timing), the fp32 matmul precision, and the one 
 (``mma``)."""
 import dataclasses
 import functools
+import re
 
 import torch
 import triton
@@ -11,6 +12,15 @@ from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enable
 from torch.library import wrap_triton
 
 from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index
+
+
+def major_minor(version):
+    """(major, minor) of a version string, pre-releases included: "3.7.0rc1" -> (3, 7)."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+# Some defaults depend on the Triton release that compiles them (head_backward.WEIGHT_GRAD_TILES).
+TRITON_VERSION = major_minor(triton.__version__)
 
 # tl.dot needs every dimension of its operands to be at least 16.
 MIN_DOT = 16

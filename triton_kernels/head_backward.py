@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tiles, cdiv, launcher, mma, padded, pick_tiles
+from ._common import TRITON_VERSION, Tiles, cdiv, launcher, mma, padded, pick_tiles
 from .head_forward import head_constants, rows_of, weight_rows_at
 
 
@@ -183,15 +183,19 @@ def input_grad_kernel(
 # program made d weight 10-25% faster than 2; 128-pair tiles made d input 20% (bf16) to 75%
 # (TF32) faster than 64; two rows per dot in d input ran 5x slower, so it has one. d weight sums
 # over pair tiles in order, so a config's block_n fixes its summation order. "/sm8x": see
-# head_forward.FORWARD_TILES; the 16-bit input grad's defaults fit there as they are. 3xTF32's d
-# weight there: 16-pair tiles, as Triton 3.8 spilled 32-pair ones (648-680 B per thread on sm_80
-# and sm_86; Triton 3.6 and 3.9 did not).
+# head_forward.FORWARD_TILES; the 16-bit input grad's defaults fit there as they are. d weight
+# there: 32-pair tiles in 16-bit, as the symmetric head's 64-pair ones spilled 88-112 B per thread
+# with Triton 3.8 and 3.9 on sm_80/86/89 (3.6: none); 16-pair tiles in 3xTF32, as Triton 3.8
+# spilled 32-pair ones (648-680 B on sm_80 and sm_86; 3.6 and 3.9 did not). The same Triton 3.8
+# (torch 2.14.1's pin) spilled 0.6-17 KB per thread in every pipelined 3xTF32 d weight config with
+# 32 or more pairs per tile on sm_90 too (3.6 and 3.9: at most 48 B), so it gets the 16-pair
+# config there as well: spill-free, never timed.
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
-    "16bit/sm8x": [Tiles(64, 2, 8, 3)],
+    "16bit/sm8x": [Tiles(32, 2, 8, 3)],
     "tf32": [Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "tf32/sm8x": [Tiles(64, 1, 8, 2)],
-    "tf32x3": [Tiles(64, 2, 8, 2)],
+    "tf32x3": [Tiles(16, 1, 8, 2)] if TRITON_VERSION == (3, 8) else [Tiles(64, 2, 8, 2)],
     "tf32x3/sm8x": [Tiles(16, 1, 8, 2)],
     "fp64": [Tiles(32, 1, 4, 2)],
 }
