@@ -3,7 +3,7 @@
 candidate config of the forward, epilogue, weight-gradient and input-gradient kernels, timed
 alone, next to the roofline figure of bench/roofline.py, and checked against the default
 config's output. Then the default configs through the public API against the fp64 reference,
-with eager's error beside it (3xTF32 must stay within 2x of eager fp32's, SPEC.md).
+with eager's error beside it (3xTF32 must stay within 2x of eager fp32's, docs/spec.md).
 
     python bench/kernels.py                          # CUDA: N=4096, bf16 tf32 tf32x3, plain + symmetric
     TRITON_INTERPRET=1 python bench/kernels.py --n 64 --emb 32 --block 8   # smoke test on a CPU

@@ -2,7 +2,7 @@
 // the CPU and the CUDA kernels (host + device), like the loss rows in loss_rows.h.
 //
 // With a_ij = hs_i * ts_j (i, j < B within one group), the plain feature is X_ij = a_ij; the
-// symmetric one (SPEC.md) is X_ij = max(a_ij, a_ji), i.e. torch.maximum(bl, bl.transpose(2, 3)).
+// symmetric one (docs/spec.md) is X_ij = max(a_ij, a_ji), i.e. torch.maximum(bl, bl.transpose(2, 3)).
 #pragma once
 
 #include <c10/macros/Macros.h>

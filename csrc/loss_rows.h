@@ -1,4 +1,4 @@
-// Per-row loss math of SPEC.md, shared by the CPU kernels and the CUDA kernels (host + device).
+// Per-row loss math of docs/spec.md, shared by the CPU kernels and the CUDA kernels (host + device).
 //
 // One call handles one pair (one row of C logits): it returns the row's loss and writes
 // scale * d(loss)/d(logits) for that row. The CPU runs rows on threads, the CUDA kernels run one

@@ -3,7 +3,7 @@
     import ncrl_kernels
     loss = ncrl_kernels.fused_ncrl(hs, ts, bilinear.weight, bilinear.bias, labels)
 
-See README.md for the backends and SPEC.md-conformant semantics.
+See README.md for the backends and the numerical contract, docs/spec.md.
 """
 from .functional import (
     atl_loss,

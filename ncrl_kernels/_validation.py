@@ -1,4 +1,4 @@
-"""Input checks shared by every backend (SPEC.md "Bad input").
+"""Input checks shared by every backend (docs/spec.md "Bad input").
 
 They run before dispatch and look only at metadata (shape, dtype, device), so they never
 synchronise a GPU stream and trace cleanly under ``torch.compile``.

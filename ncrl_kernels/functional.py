@@ -1,4 +1,4 @@
-"""The public functions. Each validates its arguments (SPEC.md "Bad input"), applies autocast the
+"""The public functions. Each validates its arguments (docs/spec.md "Bad input"), applies autocast the
 way ATLOP runs under it (head in the autocast dtype, loss in fp32), then hands over to one backend
 from the dispatch table (``_dispatch``).
 """
@@ -70,7 +70,7 @@ def ncrl_loss(logits, labels, *, gamma=0.0, margin_reg=True, reduction="mean", b
 
     ``labels`` is multi-hot ``[N, C]`` (float, bool or int). ``reduction``: "mean" (sum over pairs
     and classes divided by N), "sum" or "none" (per pair, ``[N]``). ``gamma`` in [0, 1) is the margin
-    shift, ``margin_reg`` the none-class margin regulariser (SPEC.md).
+    shift, ``margin_reg`` the none-class margin regulariser (docs/spec.md).
     """
     return _loss(logits, labels, "ncrl", gamma, margin_reg, reduction, backend)
 

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference: the numerical contract of SPEC.md, written the way ATLOP and the
+"""The pure-PyTorch reference: the numerical contract of docs/spec.md, written the way ATLOP and the
 NCRL authors' code compute it (unfused: the ``[N, E*B]`` feature is built).
 
 Every other backend is tested against these functions. They are also the ``"reference"`` backend
@@ -22,7 +22,7 @@ def reduce_pairs(per_pair, reduction):
     if reduction == "none":
         return per_pair
     total = per_pair.sum()
-    # SPEC: "mean" divides by the number of pairs N (not N*C); N == 0 gives 0, not NaN.
+    # docs/spec.md: "mean" divides by the number of pairs N (not N*C); N == 0 gives 0, not NaN.
     return total / max(per_pair.shape[0], 1) if reduction == "mean" else total
 
 
@@ -40,7 +40,7 @@ def group_bilinear(hs, ts, weight, bias=None, block_size=64, symmetric=False):
 
 
 def _margin_ce(margin, y, gamma):
-    """``y * pos(m) + (1 - y) * neg(m; gamma)`` of SPEC.md in stable form."""
+    """``y * pos(m) + (1 - y) * neg(m; gamma)`` of docs/spec.md in stable form."""
     # logsigmoid is exact in the tails (F.softplus switches to the identity past 20).
     pos = -F.logsigmoid(margin)  # -log s(m)
     if gamma == 0.0:

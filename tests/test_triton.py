@@ -290,7 +290,7 @@ def test_docred_bitwise_deterministic(dtype, symmetric):
 @needs_cuda
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
 def test_tf32x3_accuracy(symmetric):
-    """fp32 at PyTorch's default precision runs as 3xTF32, which SPEC.md allows if its error
+    """fp32 at PyTorch's default precision runs as 3xTF32, which docs/spec.md allows if its error
     against fp64 is at most twice eager fp32's (cuBLAS, IEEE): logits and every gradient, as the
     norm of the error relative to the norm of the fp64 result."""
     hs, ts, weight, bias, labels = docred_inputs(n=1024)

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md gets a ValueError/TypeError naming the argument, before any kernel
+"""Every bad input of docs/spec.md gets a ValueError/TypeError naming the argument, before any kernel
 runs, whichever backend is asked for."""
 import warnings
 

@@ -132,7 +132,7 @@ def candidate_tiles(table, dtype, precision, device):
 
 def pick_tiles(table, dtype, precision, device):
     """The config a kernel launches with: the first of its candidates. Chosen from the operands
-    and the device alone, never by timing, so results are the same in every process (SPEC.md,
+    and the device alone, never by timing, so results are the same in every process (docs/spec.md,
     determinism), and nothing is tuned at run time."""
     return candidate_tiles(table, dtype, precision, device)[0]
 

@@ -1,4 +1,4 @@
-"""The per-row loss math of SPEC.md on a tile of logits, the same formulas as csrc/loss_rows.h
+"""The per-row loss math of docs/spec.md on a tile of logits, the same formulas as csrc/loss_rows.h
 (stable logistic pieces from one exp, gamma-shifted negatives, the undetached margin regulariser,
 ATLOP's two masked softmaxes, BCE), vectorised over ``[pairs, classes]``.
 

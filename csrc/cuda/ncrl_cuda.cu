@@ -137,7 +137,7 @@ __global__ void reduce_feature_grads_kernel(const A* __restrict__ dx, const T* _
   }
 }
 
-// One thread per pair: the loss row of SPEC.md (loss_rows.h), its value and scale * d/d logits.
+// One thread per pair: the loss row of docs/spec.md (loss_rows.h), its value and scale * d/d logits.
 template <typename T>
 __global__ void loss_rows_kernel(LossParams params, const T* __restrict__ logits, const T* __restrict__ labels,
                                  int64_t n, int64_t C, T scale, T* __restrict__ row_loss, T* __restrict__ grad) {
