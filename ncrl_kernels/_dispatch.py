@@ -65,7 +65,8 @@ def _extension_reason(dispatch_key):
 
 
 def unavailable_reason(name, device):
-    """None if backend `name` can run on tensors of `device`, else a sentence saying why not."""
+    """None if backend `name` (one of BACKENDS) can run on tensors of `device`, else a sentence
+    saying why not."""
     kind = device.type
     if name == "reference":
         return None
@@ -79,31 +80,36 @@ def unavailable_reason(name, device):
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
         return _extension_reason("CUDA")
-    if name == "triton":
-        if not TRITON_INSTALLED:
-            return "Triton is not installed (`pip install triton`)"
-        if TRITON_IMPORT_ERROR is not None:
-            return f"the Triton kernels failed to import ({TRITON_IMPORT_ERROR})"
-        if kind == "cuda":
-            if TRITON_INTERPRET:
-                return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
-            if not torch.cuda.is_available():
-                return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
-            major, minor = cuda_capability(cuda_index(device))
-            if (major, minor) < TRITON_MIN_CAPABILITY:
-                return (
-                    f"the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or "
-                    f"newer, {device} is {major}.{minor}; use 'cuda' (built for it: "
-                    f"TORCH_CUDA_ARCH_LIST={major}.{minor}, docs/cuda.md) or 'reference'"
-                )
-            return None
-        if kind == "cpu" and TRITON_INTERPRET:
-            return None
+    # "triton". The device first: installing Triton would not make it run on these tensors.
+    if kind != "cuda" and not (kind == "cpu" and TRITON_INTERPRET):
         return (
             f"Triton kernels run on CUDA tensors, these are on {device} (on the CPU only under the "
             "interpreter: set TRITON_INTERPRET=1 before importing triton and ncrl_kernels)"
         )
-    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    if not TRITON_INSTALLED:
+        return "Triton is not installed (`pip install triton`)"
+    if TRITON_IMPORT_ERROR is not None:
+        return f"the Triton kernels failed to import ({TRITON_IMPORT_ERROR})"
+    if kind == "cuda":
+        if TRITON_INTERPRET:
+            return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+        major, minor = cuda_capability(cuda_index(device))
+        if (major, minor) < TRITON_MIN_CAPABILITY:
+            return (
+                f"the Triton kernels need compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} or "
+                f"newer, {device} is {major}.{minor}; use 'cuda' (built for it: "
+                f"TORCH_CUDA_ARCH_LIST={major}.{minor}, docs/cuda.md) or 'reference'"
+            )
+    return None
+
+
+def check_backend_name(backend):
+    """Refuse a backend name that is neither "auto" nor one of BACKENDS (whether it can run is
+    decided per call, from the tensors' device)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
 def available_backends(device):
@@ -118,8 +124,7 @@ def resolve(backend, device):
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(name, device) is None:
                 return _IMPLEMENTATIONS[name]
-    if not isinstance(backend, str):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")

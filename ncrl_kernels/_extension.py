@@ -1,19 +1,38 @@
 """The C++/CUDA extension ops (``torch.ops.ncrl_kernels.*``, schemas in csrc/ops.cpp): their fake
 kernels and autograd, and the backend functions "cpp" (CPU tensors) and "cuda" (CUDA tensors) run.
 
-Importing this module never fails: when ``ncrl_kernels._C`` was not built, ``LOAD_ERROR`` says why
-and the dispatcher reports those backends as unavailable.
+Importing this module never fails: when ``ncrl_kernels._C`` was not built, ``LOAD_ERROR`` says why,
+the dispatcher reports those backends as unavailable, and a warning says that ``backend="auto"``
+falls back to the unfused reference on CPU tensors.
 """
+import pathlib
+import warnings
+
 import torch
 
 from . import _op_autograd
+
+
+def load_error(exc, package_dir):
+    """Why ``_C`` did not import, from its ImportError `exc`, for the package at `package_dir`."""
+    root = package_dir.parent
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir() and not any(package_dir.glob("_C*")):
+        # Python's own message ("partially initialized module ... circular import") misleads here:
+        # a source checkout without a built _C, found before the installed copy (if any).
+        return (f"ncrl_kernels was imported from the source checkout {root}, where the extension is not built "
+                "(the current directory or PYTHONPATH comes before any installed copy); run from another "
+                "directory, or build it in place with `pip install --no-build-isolation -e .`")
+    return f"{type(exc).__name__}: {exc}"  # not built, or built against another torch
+
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
     LOAD_ERROR = None
-except ImportError as exc:  # not built, or built against another torch
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+except ImportError as exc:
+    LOAD_ERROR = load_error(exc, pathlib.Path(__file__).resolve().parent)
+    warnings.warn(f"ncrl_kernels: the compiled extension is not available ({LOAD_ERROR}); backend='auto' runs the "
+                  "unfused reference on CPU tensors, which builds the [N, E*B] feature", RuntimeWarning, stacklevel=2)
 
 
 # Devices the extension has kernels for, read once: the dispatcher consults this on every call,

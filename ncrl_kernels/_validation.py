@@ -32,6 +32,13 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on the same device, got {found}; move them with .to(device)")
 
 
+def check_flag(name, value):
+    """A switch: True or False (0 and 1 pass too). A string such as "False" would otherwise count
+    as true."""
+    if not isinstance(value, numbers.Integral) or value not in (0, 1):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
     """Checks of the group-bilinear head; returns (N, E, C). Under autocast (`autocast_dtype`),
     hs, ts and weight must share the dtype they will run in (every floating dtype but fp64 is
@@ -59,6 +66,11 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
         raise ValueError(f"emb size E={emb} of hs/ts must be divisible by block_size={block_size}")
     classes = weight.shape[0]
     if weight.shape[1] != emb * block_size:
+        if weight.shape[0] == emb * block_size:  # [E*B, C]: transposed
+            raise ValueError(
+                f"weight must have shape (C, E*block_size) like nn.Linear(E*block_size, C).weight, got "
+                f"{tuple(weight.shape)}, which is (E*block_size, C); pass weight.T (nn.Linear stores [out, in])"
+            )
         raise ValueError(
             f"weight must have shape (C, E*block_size) = ({classes}, {emb * block_size}) like "
             f"nn.Linear(E*block_size, C).weight, got {tuple(weight.shape)}"
@@ -68,26 +80,33 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
     return n, emb, classes
 
 
-def check_loss_args(loss, gamma, reduction):
+def check_loss_args(loss, gamma, margin_reg, reduction):
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must be a float in [0, 1), got {gamma!r}")
+    check_flag("margin_reg", margin_reg)
 
 
-def check_labels(labels, n, classes, device):
-    """Multi-hot labels [N, C]: float, bool or int (converted by the caller, never in place)."""
+def check_labels(labels, n, classes, device, scores="logits"):
+    """Multi-hot labels [N, C]: float, bool or int (converted by the caller, never in place), on
+    the device of the tensor named `scores` ("logits", or "hs" for the fused op)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_complex():
         raise TypeError(f"labels must be a real multi-hot tensor (float, bool or int), got {labels.dtype}")
     if labels.shape != (n, classes):
-        hint = " (turn class indices into a multi-hot [N, C] tensor first)" if labels.dim() == 1 else ""
+        if labels.dim() == 1:
+            hint = " (turn class indices into a multi-hot [N, C] tensor first)"
+        elif labels.shape == (n, classes - 1):
+            hint = " (column 0 is the none class, 'Na': 1 where a pair has no relation)"
+        else:
+            hint = ""
         raise ValueError(f"labels must have shape (N, C) = ({n}, {classes}), got {tuple(labels.shape)}{hint}")
     if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but the scores are on {device}; move it with .to(device)")
+        raise ValueError(f"labels is on {labels.device} but {scores} is on {device}; move it with .to(device)")
     if classes < 2:
         raise ValueError(f"need at least 2 classes (the none class in column 0 and one relation), got C={classes}")
 

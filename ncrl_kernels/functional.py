@@ -10,8 +10,11 @@ from . import _dispatch, _validation, reference
 
 
 def _autocast_dtype(device):
-    """The dtype the head runs in under torch.autocast on `device`, or None when autocast is off."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    """The dtype the head runs in under torch.autocast on `device`, or None when autocast is off
+    (or does not exist for the device: meta tensors, for one, where asking raises)."""
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 def _autocast_head(hs, ts, weight, dtype):
@@ -38,26 +41,29 @@ def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False,
     """ATLOP's group-bilinear head ``logits = bilinear(kron(hs, ts))`` without the [N, E*B] feature.
 
     Args:
-        hs, ts: ``[N, E]`` head / tail pair representations.
+        hs, ts: ``[N, E]`` head / tail pair representations, fp32, bf16, fp16 or fp64 (one dtype
+            with ``weight``; under ``torch.autocast`` any floating dtypes, as ``F.linear`` takes).
         weight: ``[C, E*block_size]``, i.e. ``nn.Linear(E*block_size, C).weight``.
         bias: ``[C]`` or None.
         block_size: group size B (``E % B == 0``).
         symmetric: use ``max(hs_i ts_j, hs_j ts_i)`` as the feature (the NCRL authors' DocRED model).
-        backend: "auto" or a name from :func:`available_backends`.
+        backend: "auto" (the fastest available for the device) or a name from
+            :func:`available_backends`.
 
     Returns:
-        logits ``[N, C]`` in the dtype of ``hs``.
+        logits ``[N, C]`` in the dtype of ``hs``; under ``torch.autocast``, in the autocast dtype.
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
     autocast = _autocast_dtype(hs.device)
     _validation.check_head(hs, ts, weight, bias, block_size, autocast)
+    _validation.check_flag("symmetric", symmetric)
     impl = _dispatch.resolve(backend, hs.device)
     hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
     return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric))
 
 
 def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
-    _validation.check_loss_args(loss, gamma, reduction)
+    _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_logits_and_labels(logits, labels)
     impl = _dispatch.resolve(backend, logits.device)
     # The loss runs in fp32 (fp64 stays fp64); autograd casts the gradient back to logits' dtype.
@@ -88,17 +94,35 @@ def bce_loss(logits, labels, *, reduction="mean", backend="auto"):
 def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, loss="ncrl", gamma=0.0,
                margin_reg=True, reduction="mean", return_logits=False, backend="auto"):
     """Group-bilinear head and loss in one fused op: the drop-in for ATLOP's
-    ``loss_fnt(bilinear(bl).float(), labels)``; gradients flow to hs, ts, weight and bias.
+    ``loss_fnt(bilinear(bl).float(), labels)``, without the ``[N, E*B]`` feature forward or
+    backward; gradients flow to hs, ts, weight and bias.
 
-    ``loss`` is "ncrl", "atl" or "bce" (``gamma``/``margin_reg`` apply to NCRL only). Returns the loss,
-    or ``(loss, logits)`` with ``logits`` detached when ``return_logits`` is set (e.g. for
-    :func:`predict`).
+    Args:
+        hs, ts, weight, bias, block_size, symmetric: as :func:`group_bilinear` (the head runs in
+            the autocast dtype under ``torch.autocast``).
+        labels: multi-hot ``[N, C]`` (float, bool or int; never modified); column 0 is the none
+            class ("Na"), 1 where a pair has no relation.
+        loss: "ncrl" (None Class Ranking Loss), "atl" (ATLOP's adaptive thresholding loss) or
+            "bce" (binary cross-entropy over columns 1..C-1).
+        gamma: NCRL's margin shift, in [0, 1) (the NCRL authors use 0.05 on DocRED).
+        margin_reg: NCRL's none-class margin regulariser. ``gamma`` and ``margin_reg`` apply to
+            NCRL only.
+        reduction: "mean" (the sum over pairs and classes divided by N), "sum" or "none" (one
+            loss per pair, ``[N]``). With N = 0 the loss is 0 and every gradient zero.
+        return_logits: also return the logits ``[N, C]`` (detached; e.g. for :func:`predict`).
+        backend: as :func:`group_bilinear`.
+
+    Returns:
+        the loss (a scalar, or ``[N]`` for "none"), fp32 for fp32/bf16/fp16 inputs and fp64 for
+        fp64; or ``(loss, logits)`` with ``return_logits``, the logits in the head's dtype.
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
     autocast = _autocast_dtype(hs.device)
     n, _, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
-    _validation.check_loss_args(loss, gamma, reduction)
-    _validation.check_labels(labels, n, classes, hs.device)
+    _validation.check_flag("symmetric", symmetric)
+    _validation.check_flag("return_logits", return_logits)
+    _validation.check_loss_args(loss, gamma, margin_reg, reduction)
+    _validation.check_labels(labels, n, classes, hs.device, scores="hs")
     impl = _dispatch.resolve(backend, hs.device)
     hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
     value, logits = impl.fused(

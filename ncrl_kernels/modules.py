@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from . import _dispatch, _validation
 from . import functional as F_ncrl
 
 
@@ -12,6 +13,9 @@ class NCRLoss(nn.Module):
 
     def __init__(self, gamma=0.0, margin_reg=True, reduction="mean", backend="auto"):
         super().__init__()
+        # Settings are checked here, not at the first forward (the tensors are checked per call).
+        _validation.check_loss_args("ncrl", gamma, margin_reg, reduction)
+        _dispatch.check_backend_name(backend)
         self.gamma, self.margin_reg, self.reduction, self.backend = gamma, margin_reg, reduction, backend
 
     def forward(self, logits, labels):
@@ -34,6 +38,8 @@ class GroupBilinear(nn.Module):
         super().__init__()
         if block_size <= 0 or emb_size % block_size != 0:
             raise ValueError(f"emb_size={emb_size} must be divisible by a positive block_size, got {block_size}")
+        _validation.check_flag("symmetric", symmetric)
+        _dispatch.check_backend_name(backend)
         self.emb_size, self.block_size, self.num_classes = emb_size, block_size, num_classes
         self.symmetric, self.backend = symmetric, backend
         factory = {"device": device, "dtype": dtype}
@@ -67,6 +73,7 @@ class GroupBilinearLoss(GroupBilinear):
                  gamma=0.0, margin_reg=True, reduction="mean", backend="auto", device=None, dtype=None):
         super().__init__(emb_size, block_size, num_classes, bias, symmetric=symmetric, backend=backend,
                          device=device, dtype=dtype)
+        _validation.check_loss_args(loss, gamma, margin_reg, reduction)
         self.loss, self.gamma, self.margin_reg, self.reduction = loss, gamma, margin_reg, reduction
 
     def forward(self, hs, ts, labels=None, return_logits=False):

@@ -56,3 +56,21 @@ def test_ncrloss_module():
     module = ncrl_kernels.NCRLoss(gamma=0.05, margin_reg=False, reduction="sum")
     torch.testing.assert_close(module(logits, labels), reference.ncrl_loss(logits, labels, 0.05, False, "sum"))
     assert "gamma=0.05" in repr(module)
+
+
+def test_modules_check_their_settings_when_built():
+    """Bad settings fail when the module is built, not at its first forward."""
+    with pytest.raises(ValueError, match="gamma"):
+        ncrl_kernels.NCRLoss(gamma=1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        ncrl_kernels.NCRLoss(reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        ncrl_kernels.NCRLoss(backend="mkl")
+    with pytest.raises(ValueError, match="backend"):
+        ncrl_kernels.GroupBilinear(64, 8, 7, backend="foo")
+    with pytest.raises(TypeError, match="symmetric"):
+        ncrl_kernels.GroupBilinear(64, 8, 7, symmetric="False")
+    with pytest.raises(ValueError, match="loss"):
+        ncrl_kernels.GroupBilinearLoss(64, 8, 7, loss="ce")
+    with pytest.raises(TypeError, match="margin_reg"):
+        ncrl_kernels.GroupBilinearLoss(64, 8, 7, margin_reg="no")

@@ -33,7 +33,8 @@ BAD_HEAD_INPUTS = [
     pytest.param("ts", lambda a: a["ts"][:, :8], ValueError, "same shape", id="hs-ts-shape"),
     pytest.param("ts", lambda a: a["ts"][:-1], ValueError, "same shape", id="hs-ts-rows"),
     pytest.param("weight", lambda a: a["weight"][:, :-1], ValueError, "weight", id="weight-shape"),
-    pytest.param("weight", lambda a: a["weight"].T, ValueError, "weight", id="weight-transposed"),
+    pytest.param("weight", lambda a: a["weight"].T, ValueError, r"which is \(E\*block_size, C\); pass weight\.T",
+                 id="weight-transposed"),
     pytest.param("bias", lambda a: a["bias"][:-1], ValueError, "bias", id="bias-shape"),
     pytest.param("hs", lambda a: a["hs"].long(), TypeError, "hs", id="hs-int"),
     pytest.param("ts", lambda a: a["ts"].to(torch.complex64), TypeError, "ts", id="ts-complex"),
@@ -47,7 +48,10 @@ BAD_HEAD_INPUTS = [
 ]
 
 BAD_LABELS = [
-    pytest.param(lambda a: a["labels"][:, :-1], ValueError, "labels", id="labels-shape"),
+    pytest.param(lambda a: a["labels"][:, :-1], ValueError, "labels.*column 0 is the none class",
+                 id="labels-without-none-column"),
+    pytest.param(lambda a: a["labels"][:-1], ValueError, r"labels must have shape \(N, C\) = \(6, 3\), got \(5, 3\)$",
+                 id="labels-rows"),
     pytest.param(lambda a: a["labels"].argmax(1), ValueError, "multi-hot", id="labels-class-index"),
     pytest.param(lambda a: a["labels"].to(torch.complex64), TypeError, "labels", id="labels-complex"),
     pytest.param(lambda a: a["labels"].to("meta"), ValueError, "labels", id="labels-other-device"),
@@ -151,7 +155,8 @@ def test_cuda_capability_is_a_compile_constant(monkeypatch):
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = torch.compile(lambda x: x * _dispatch.cuda_capability(0)[0], backend="eager", fullgraph=True)(torch.ones(2))
+        compiled = torch.compile(lambda x: x * _dispatch.cuda_capability(0)[0], backend="eager", fullgraph=True)
+        out = compiled(torch.ones(2))
     assert out.tolist() == [9.0, 9.0] and _dispatch._CAPABILITIES == {0: (9, 0)}
 
 
@@ -171,11 +176,16 @@ def test_available_backends_on_cpu():
 
 
 def test_triton_needs_cuda_or_interpreter(good, monkeypatch):
+    """The device is checked first: on CPU tensors without the interpreter, installing Triton
+    would not help, so that is not what the message asks for."""
     monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
     assert "triton" not in ncrl_kernels.available_backends("cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         fused(good, "triton")
     monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", False)
+    with pytest.raises(ValueError, match="run on CUDA tensors, these are on cpu"):
+        fused(good, "triton")
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", True)
     with pytest.raises(ValueError, match="not installed"):
         fused(good, "triton")
     assert "triton" not in ncrl_kernels.available_backends("cuda")
@@ -241,3 +251,51 @@ def test_triton_on_cuda_needs_a_gpu_and_no_interpreter(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "no CUDA GPU" in _dispatch.unavailable_reason("triton", torch.device("cuda"))
     assert "triton" not in ncrl_kernels.available_backends("cuda")
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_switches_must_be_bools(device, backend, good):
+    """A string such as "False" would count as true; 0 and 1 pass."""
+    good = {k: v.to(device) for k, v in good.items()}
+    for name, value in (("symmetric", "False"), ("margin_reg", "yes"), ("return_logits", None)):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got {value!r}"):
+            fused(good, backend, **{name: value})
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        head(good, backend, symmetric="True")
+    with pytest.raises(TypeError, match="margin_reg must be True or False"):
+        ncrl_kernels.ncrl_loss(make_logits(N, C, device=device), good["labels"], margin_reg=2, backend=backend)
+    torch.testing.assert_close(fused(good, backend, symmetric=1, margin_reg=0),
+                               fused(good, backend, symmetric=True, margin_reg=False))
+
+
+def test_device_errors_name_the_tensors(good):
+    with pytest.raises(ValueError, match="labels is on meta but hs is on cpu"):
+        fused({**good, "labels": good["labels"].to("meta")}, "auto")
+    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+        ncrl_kernels.ncrl_loss(make_logits(N, C), good["labels"].to("meta"))
+
+
+def test_meta_tensors(good):
+    """Meta tensors (shape inference, e.g. a model built on the meta device) are validated and give
+    outputs of the right shapes; torch.autocast has no meta device, which must not be asked about."""
+    meta = {k: v.to("meta") for k, v in good.items()}
+    assert head(meta, "auto").shape == (N, C)
+    loss, logits = fused(meta, "auto", return_logits=True)
+    assert loss.shape == () and logits.shape == (N, C) and logits.device.type == "meta"
+    with pytest.raises(ValueError, match="same device"):
+        head({**good, "hs": meta["hs"]}, "auto")
+
+
+def test_extension_load_error_names_a_shadowing_checkout(tmp_path):
+    """Run from a source checkout after a non-editable install, Python imports the checkout, which
+    has no _C; its own message ("partially initialized module ... circular import") misleads."""
+    error = ImportError("cannot import name '_C' from partially initialized module 'ncrl_kernels'")
+    package = tmp_path / "ncrl_kernels"
+    package.mkdir()
+    assert _extension.load_error(error, package) == f"ImportError: {error}"  # not a checkout
+    (tmp_path / "setup.py").touch()
+    (tmp_path / "csrc").mkdir()
+    message = _extension.load_error(error, package)
+    assert f"source checkout {tmp_path}" in message and "run from another directory" in message
+    (package / "_C.cpython-312-x86_64-linux-gnu.so").touch()  # built in place, for another torch
+    assert _extension.load_error(error, package) == f"ImportError: {error}"
