@@ -7,6 +7,7 @@ indices in its sentence, ``type``) and, in annotated splits, ``labels`` (``h``, 
 ``evidence``). The features and metrics follow wzhouad/ATLOP's prepro.py and evaluation.py, which
 adapt the official DocRED evaluation.
 """
+import collections
 import json
 import random
 
@@ -325,17 +326,26 @@ def synthetic_docs(num_docs, *, seed=0, title_prefix="doc"):
 
 
 def wordpiece_tokenizer(docs, vocab_size=2000):
-    """A cased BERT-style WordPiece tokenizer trained on the documents' words (offline: nothing is
-    downloaded), with [PAD] = 0, [UNK], [CLS], [SEP], [MASK] and the entity marker "*"."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A cased BERT-style WordPiece tokenizer for the documents' words (offline: nothing is
+    downloaded), with [PAD] = 0, [UNK], [CLS], [SEP], [MASK] and the entity marker "*".
+
+    Its vocabulary is built, not trained, so the same documents give the same token ids in every
+    process (tokenizers' WordPiece trainer broke ties in hash order: a different vocabulary per run,
+    and per rank under torchrun): the special tokens, every character of the documents alone and
+    as a "##" continuation, then whole words, most frequent first (ties by spelling), up to
+    `vocab_size`; a word outside it is spelt in characters."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special,
-                                        initial_alphabet=[ENTITY_MARKER], show_progress=False)
-    backend.train_from_iterator((" ".join(sent) for doc in _as_docs(docs) for sent in doc["sents"]), trainer)
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=False), pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter(
+        word for doc in _as_docs(docs) for sent in doc["sents"]
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(" ".join(sent))))
+    chars = sorted({char for word in counts for char in word} - {ENTITY_MARKER})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ENTITY_MARKER, *chars, *("##" + c for c in chars)]
+    words = [word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(word) > 1]
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")

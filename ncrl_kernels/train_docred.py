@@ -66,7 +66,7 @@ ATLOP_DEFAULTS = {
 # pretrained encoder and learns the synthetic corpus in 10 epochs. Where these and a preset both
 # set a value (classifier_lr, num_train_epochs), these win: the presets' are for pretrained encoders.
 SYNTHETIC_DEFAULTS = {
-    "model_name_or_path": None,  # a small random BERT and a WordPiece tokenizer trained on the corpus
+    "model_name_or_path": None,  # a small random BERT and a WordPiece tokenizer built from the corpus
     "learning_rate": 1e-3,
     "classifier_lr": 1e-3,
     "num_train_epochs": 10.0,

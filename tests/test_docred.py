@@ -210,6 +210,18 @@ def test_synthetic_docs_do_not_depend_on_string_hashing():
     assert len(outputs) == 1
 
 
+def test_wordpiece_tokenizer_is_the_same_in_every_process():
+    """Same documents, same token ids in every process (every rank of a torchrun job builds its own):
+    tokenizers' WordPiece trainer gave a different vocabulary per run."""
+    pytest.importorskip("transformers")
+    code = ("import json; from ncrl_kernels import docred; "
+            "tokenizer = docred.wordpiece_tokenizer(docred.synthetic_docs(30, seed=5), 300); "
+            "print(json.dumps(sorted(tokenizer.get_vocab().items())))")
+    outputs = [subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed),
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")]
+    assert len(set(outputs)) == 1 and len(json.loads(outputs[0])) == 300
+
+
 def test_wordpiece_tokenizer_knows_the_marker():
     pytest.importorskip("transformers")
     docs = docred.synthetic_docs(20, seed=0)
