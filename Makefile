@@ -62,7 +62,7 @@ CUDA_VENV_GIB := 7
 
 $(CUDA_VENV)/.deps-stamp: | $(CUDA_VPY)
 	@free=$$(df -Pk $(CUDA_VENV) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
-	if [ "$$free" -lt $(CUDA_VENV_GIB) ]; then \
+	if ! $(CUDA_VPY) -c "import torch" 2>/dev/null && [ "$${free:-0}" -lt $(CUDA_VENV_GIB) ]; then \
 		echo "check-cuda-build: installing $(TORCH_CUDA) into $(CUDA_VENV) needs about $(CUDA_VENV_GIB) GiB free disk, $$free GiB is free; free some (e.g. 'make clean' in old clones) and re-run" >&2; \
 		exit 1; \
 	fi

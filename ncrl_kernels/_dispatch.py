@@ -13,6 +13,7 @@ TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.com
 import importlib
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -27,7 +28,11 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # Fastest first. The Triton interpreter is far slower than the reference, so "auto" never uses it.
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
-_REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
+
+def major_minor(version):
+    """(major, minor) of a version string, pre-releases included: "3.7.0rc1" -> (3, 7)."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
 
 # The Triton kernels' configs are built for compute capability 8.0 and newer: bf16 tensor cores,
 # and shared memory of at least an RTX 30xx's (compile_check checks sm_80, sm_86, sm_89, sm_90).
@@ -55,11 +60,11 @@ def cuda_capability(index):
 def _extension_reason(dispatch_key):
     """Why the compiled extension cannot serve `dispatch_key` ("CPU", "CUDA"), or None."""
     if _extension.LOAD_ERROR is not None:
-        return f"the C++ extension ncrl_kernels._C is not built or failed to load ({_extension.LOAD_ERROR}); {_REBUILD}"
+        return f"the C++ extension ncrl_kernels._C is not built or failed to load: {_extension.LOAD_ERROR}"
     if not _extension.has_kernel(dispatch_key):
         return (
             f"the extension was built without {dispatch_key} kernels (CPU-only torch or no CUDA toolkit at "
-            f"build time); install a CUDA torch and the CUDA toolkit, then {_REBUILD}"
+            f"build time); install a CUDA torch and the CUDA toolkit, then {_extension.REBUILD}"
         )
     return None
 
@@ -67,6 +72,7 @@ def _extension_reason(dispatch_key):
 def unavailable_reason(name, device):
     """None if backend `name` (one of BACKENDS) can run on tensors of `device`, else a sentence
     saying why not."""
+    assert name in BACKENDS, name  # resolve() checks names first (check_backend_name)
     kind = device.type
     if name == "reference":
         return None

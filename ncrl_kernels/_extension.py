@@ -1,9 +1,9 @@
 """The C++/CUDA extension ops (``torch.ops.ncrl_kernels.*``, schemas in csrc/ops.cpp): their fake
 kernels and autograd, and the backend functions "cpp" (CPU tensors) and "cuda" (CUDA tensors) run.
 
-Importing this module never fails: when ``ncrl_kernels._C`` was not built, ``LOAD_ERROR`` says why,
-the dispatcher reports those backends as unavailable, and a warning says that ``backend="auto"``
-falls back to the unfused reference on CPU tensors.
+Importing this module does not fail when ``ncrl_kernels._C`` was not built: ``LOAD_ERROR`` says why
+(and what to do), the dispatcher reports those backends as unavailable, and an
+``ExtensionNotLoadedWarning`` says so once per process (an error only where warnings are errors).
 """
 import pathlib
 import warnings
@@ -13,6 +13,13 @@ import torch
 from . import _op_autograd
 
 
+REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
+
+
+class ExtensionNotLoadedWarning(RuntimeWarning):
+    """ncrl_kernels._C did not load: no "cpp" or "cuda" backend in this process."""
+
+
 def load_error(exc, package_dir):
     """Why ``_C`` did not import, from its ImportError `exc`, for the package at `package_dir`."""
     root = package_dir.parent
@@ -20,9 +27,9 @@ def load_error(exc, package_dir):
         # Python's own message ("partially initialized module ... circular import") misleads here:
         # a source checkout without a built _C, found before the installed copy (if any).
         return (f"ncrl_kernels was imported from the source checkout {root}, where the extension is not built "
-                "(the current directory or PYTHONPATH comes before any installed copy); run from another "
-                "directory, or build it in place with `pip install --no-build-isolation -e .`")
-    return f"{type(exc).__name__}: {exc}"  # not built, or built against another torch
+                "(the current directory, the script's directory or PYTHONPATH comes before any installed copy); "
+                "run from another directory, or build it in place with `pip install --no-build-isolation -e .`")
+    return f"{type(exc).__name__}: {exc}; {REBUILD}"  # not built, or built against another torch
 
 
 try:
@@ -31,8 +38,9 @@ try:
     LOAD_ERROR = None
 except ImportError as exc:
     LOAD_ERROR = load_error(exc, pathlib.Path(__file__).resolve().parent)
-    warnings.warn(f"ncrl_kernels: the compiled extension is not available ({LOAD_ERROR}); backend='auto' runs the "
-                  "unfused reference on CPU tensors, which builds the [N, E*B] feature", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"ncrl_kernels: the compiled extension is not available, so backend='auto' runs the unfused "
+                  "reference on CPU tensors (it builds the [N, E*B] feature) and CUDA has no 'cuda' fallback: "
+                  f"{LOAD_ERROR}", ExtensionNotLoadedWarning)
 
 
 # Devices the extension has kernels for, read once: the dispatcher consults this on every call,

@@ -33,10 +33,13 @@ def check_same_device(**tensors):
 
 
 def check_flag(name, value):
-    """A switch: True or False (0 and 1 pass too). A string such as "False" would otherwise count
-    as true."""
-    if not isinstance(value, numbers.Integral) or value not in (0, 1):
+    """A switch: True or False; numpy bools and the ints 0 and 1 pass too. A string such as "False"
+    would otherwise count as true."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # numpy 2, 1
+    if not isinstance(value, numbers.Integral) and not numpy_bool:
         raise TypeError(f"{name} must be True or False, got {value!r}")
+    if value not in (0, 1):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):

@@ -332,8 +332,9 @@ def wordpiece_tokenizer(docs, vocab_size=2000):
     Its vocabulary is built, not trained, so the same documents give the same token ids in every
     process (tokenizers' WordPiece trainer broke ties in hash order: a different vocabulary per run,
     and per rank under torchrun): the special tokens, every character of the documents alone and
-    as a "##" continuation, then whole words, most frequent first (ties by spelling), up to
-    `vocab_size`; a word outside it is spelt in characters."""
+    as a "##" continuation (all of them, whatever `vocab_size`), then whole words, most frequent
+    first (ties by spelling), up to `vocab_size`. A word outside it is spelt in characters; one
+    with a character the documents never had is [UNK]."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

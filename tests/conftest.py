@@ -30,7 +30,7 @@ def pytest_configure(config):
         import triton
     except ImportError:
         return
-    from ncrl_kernels.triton_kernels._common import major_minor
+    from ncrl_kernels._dispatch import major_minor
 
     if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__}: "

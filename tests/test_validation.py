@@ -2,6 +2,7 @@
 runs, whichever backend is asked for."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,12 +121,12 @@ def test_unknown_backend(good):
         ncrl_kernels.ncrl_loss(make_logits(N, C), good["labels"], backend=None)
 
 
-def test_backend_that_cannot_run_says_why(good, monkeypatch):
+def test_backend_that_cannot_run_says_why(good, monkeypatch, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'cuda' runs on CUDA tensors"):
             fused(good, "cuda")
-    monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: simulated")
-    with pytest.raises(ValueError, match="not built.*pip install"):
+    monkeypatch.setattr(_extension, "LOAD_ERROR", _extension.load_error(ImportError("simulated"), tmp_path))
+    with pytest.raises(ValueError, match="not built.*simulated; reinstall with `pip install"):
         fused(good, "cpp")
     assert ncrl_kernels.available_backends("cpu")[0] == "reference"
     assert "cpp" not in ncrl_kernels.available_backends("cpu")
@@ -233,8 +234,6 @@ def test_autocast_rules(device, backend, good):
 
 
 def test_numpy_scalars_are_accepted(good):
-    import numpy as np
-
     value = fused(good, "auto", gamma=np.float32(0.05), block_size=np.int64(B))
     assert torch.isfinite(value)
     assert ncrl_kernels.predict(make_logits(N, C), num_labels=np.int64(2)).shape == (N, C)
@@ -262,10 +261,11 @@ def test_switches_must_be_bools(device, backend, good):
             fused(good, backend, **{name: value})
     with pytest.raises(TypeError, match="symmetric must be True or False"):
         head(good, backend, symmetric="True")
-    with pytest.raises(TypeError, match="margin_reg must be True or False"):
+    with pytest.raises(ValueError, match="margin_reg must be True or False, got 2"):
         ncrl_kernels.ncrl_loss(make_logits(N, C, device=device), good["labels"], margin_reg=2, backend=backend)
-    torch.testing.assert_close(fused(good, backend, symmetric=1, margin_reg=0),
-                               fused(good, backend, symmetric=True, margin_reg=False))
+    want = fused(good, backend, symmetric=True, margin_reg=False)
+    torch.testing.assert_close(fused(good, backend, symmetric=1, margin_reg=0), want)
+    torch.testing.assert_close(fused(good, backend, symmetric=np.True_, margin_reg=np.False_), want)
 
 
 def test_device_errors_name_the_tensors(good):
@@ -292,10 +292,10 @@ def test_extension_load_error_names_a_shadowing_checkout(tmp_path):
     error = ImportError("cannot import name '_C' from partially initialized module 'ncrl_kernels'")
     package = tmp_path / "ncrl_kernels"
     package.mkdir()
-    assert _extension.load_error(error, package) == f"ImportError: {error}"  # not a checkout
+    assert _extension.load_error(error, package) == f"ImportError: {error}; {_extension.REBUILD}"  # not a checkout
     (tmp_path / "setup.py").touch()
     (tmp_path / "csrc").mkdir()
     message = _extension.load_error(error, package)
     assert f"source checkout {tmp_path}" in message and "run from another directory" in message
     (package / "_C.cpython-312-x86_64-linux-gnu.so").touch()  # built in place, for another torch
-    assert _extension.load_error(error, package) == f"ImportError: {error}"
+    assert _extension.load_error(error, package) == f"ImportError: {error}; {_extension.REBUILD}"

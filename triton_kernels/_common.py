@@ -3,7 +3,6 @@ the shape and the GPU, never by timing), the fp32 matmul precision, and the one 
 (``mma``)."""
 import dataclasses
 import functools
-import re
 
 import torch
 import triton
@@ -11,13 +10,7 @@ import triton.language as tl
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
 from torch.library import wrap_triton
 
-from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index
-
-
-def major_minor(version):
-    """(major, minor) of a version string, pre-releases included: "3.7.0rc1" -> (3, 7)."""
-    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
-
+from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index, major_minor
 
 # Some defaults depend on the Triton release that compiles them (head_backward.WEIGHT_GRAD_TILES).
 TRITON_VERSION = major_minor(triton.__version__)
@@ -109,8 +102,8 @@ INTERPRETER_TILES = Tiles(block_n=32, rows=2, num_warps=1, num_stages=1, split=3
 # The candidate lists are tuned on Hopper (sm_90: wgmma, 227 KB of shared memory per block).
 # GPUs with mma.sync tensor cores instead (sm_80/86/89: A100, RTX 30xx/40xx, A10, A40, L4, L40S;
 # and sm_120) take a table's "<kind>/sm8x" list where it has one: configs that compile_check keeps
-# within sm_86's 99 KB and, in the plain head, without spills on sm_80 and sm_86, where Hopper's
-# defaults need up to 160 KB or spill kilobytes.
+# within sm_86's 99 KB and, in the plain head, without spills on sm_80, sm_86 and sm_89, where
+# Hopper's defaults need up to 160 KB or spill kilobytes. sm_100 takes Hopper's lists.
 WGMMA_MAJORS = (9, 10)
 SM8X = "sm8x"
 

@@ -189,7 +189,8 @@ def input_grad_kernel(
 # spilled 32-pair ones (648-680 B on sm_80 and sm_86; 3.6 and 3.9 did not). The same Triton 3.8
 # (torch 2.14.1's pin) spilled 0.6-17 KB per thread in every pipelined 3xTF32 d weight config with
 # 32 or more pairs per tile on sm_90 too (3.6 and 3.9: at most 48 B), so it gets the 16-pair
-# config there as well: spill-free, never timed.
+# config on wgmma GPUs as well (sm_90, and sm_100, which shares the table): spill-free on sm_90,
+# never timed.
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "16bit/sm8x": [Tiles(32, 2, 8, 3)],

@@ -106,7 +106,7 @@ def head_forward_kernel(
 # bench/kernels.py times them. 16-bit: 128-pair tiles, two feature rows per tl.dot (K=128 for
 # B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
 # splits, so one row per dot. "/sm8x": for GPUs without wgmma (_common.table_key), from the
-# sm_80 and sm_86 compiles (untimed: no such GPU has run them): one row per dot, as two spill or
+# sm_80, sm_86 and sm_89 compiles (untimed: no such GPU has run them): one row per dot, as two spill or
 # overflow shared memory there; 3xTF32 16-pair tiles, as Triton 3.8 spilled 32-pair ones (16 B per
 # thread on sm_86; Triton 3.6 and 3.9 did not), at the cost of reading W once per 16 pairs.
 FORWARD_TILES = {
