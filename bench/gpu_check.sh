@@ -103,7 +103,8 @@ else
     INSTALL_PID=$!
 fi
 # Until the install is done, the package runs from the source tree: a folder holding ncrl_kernels's
-# files and triton_kernels under its installed name (the C++/CUDA extension is not loaded there).
+# files and triton_kernels under its installed name (the C++/CUDA extension is not loaded there, so
+# each import prints an ExtensionNotLoadedWarning: expected in these phases).
 SOURCE_TREE=$(mktemp -d)/src
 mkdir -p "$SOURCE_TREE/ncrl_kernels"
 for f in "$PWD"/ncrl_kernels/*; do ln -sfn "$f" "$SOURCE_TREE/ncrl_kernels/"; done
