@@ -168,7 +168,8 @@ def build_parser():
     ours.add_argument("--block_size", type=int, help="group size of the bilinear head" + _defaults_note("block_size"))
     ours.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                       help="mixed precision with torch.autocast (fp16 with a GradScaler); auto = fp16 on a GPU, as "
-                           "ATLOP's apex O1, off on the CPU (default: auto)")
+                           "ATLOP's apex O1, off on the CPU; on a CPU bf16 is the one that helps, fp16 runs several "
+                           "times slower (default: auto)")
     ours.add_argument("--rel2id", help="relation -> id JSON; default: meta/rel2id.json under the working directory "
                                        "(where ATLOP reads it) or under --data_dir, else built from the data")
     ours.add_argument("--distant_file", help="in --data_dir (e.g. train_distant.json): train on it first, then "
@@ -207,9 +208,19 @@ def parse_args(argv=None):
         if value < 1 or value != int(value):
             parser.error(f"--{name} must be a whole number >= 1 (ATLOP runs int(epochs) epochs), got {value}")
         setattr(args, name, int(value))
-    for name in ("train_batch_size", "test_batch_size", "gradient_accumulation_steps"):
+    for name in ("train_batch_size", "test_batch_size", "gradient_accumulation_steps", "synthetic_train_docs",
+                 "synthetic_dev_docs", "vocab_size", "encoder_hidden_size", "encoder_layers", "encoder_heads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.synthetic_test_docs < 0:
+        parser.error(f"--synthetic_test_docs must be >= 0, got {args.synthetic_test_docs}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for name in ("learning_rate", "classifier_lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio <= 1:
+        parser.error(f"--warmup_ratio must be in [0, 1] (a fraction of the optimiser steps), got {args.warmup_ratio}")
     if not 0 <= args.gamma < 1:
         parser.error(f"--gamma must be in [0, 1), got {args.gamma}")
     if args.emb_size % args.block_size:
@@ -218,6 +229,8 @@ def parse_args(argv=None):
         directory = os.path.dirname(getattr(args, name))
         if directory and not os.path.isdir(directory):
             parser.error(f"--{name}: the directory {directory!r} does not exist; create it first")
+    if args.load_path and not os.path.isfile(args.load_path):  # before the data is read and tokenised
+        parser.error(f"--load_path: {args.load_path!r} does not exist")
     return args
 
 
@@ -257,7 +270,15 @@ def load_rel2id(args, docs):
         os.path.join("meta", "rel2id.json"), os.path.join(args.data_dir, "meta", "rel2id.json")])
     for path in candidates:
         if os.path.isfile(path):
-            return docred.load_json(path), path
+            rel2id = docred.load_json(path)
+            unknown = sorted({label["r"] for split in docs.values() for doc in split
+                              for label in doc.get("labels", ())} - rel2id.keys())
+            if unknown:
+                flag = "--rel2id" if args.rel2id else "meta/rel2id.json"
+                raise SystemExit(f"{flag}: {path} has no id for {len(unknown)} relation(s) of the data ("
+                                 f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); pass the "
+                                 "rel2id.json the data was labelled with (DocRED's meta/rel2id.json)")
+            return rel2id, path
     if args.rel2id:
         raise SystemExit(f"--rel2id: {args.rel2id} does not exist")
     return docred.build_rel2id(*docs.values()), None
@@ -413,8 +434,11 @@ def pair_scores(model, features, args, device, amp_dtype):
     model.eval()
     scores = []
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        for input_ids, attention_mask, _, entity_pos, hts in DataLoader(features, batch_size=args.test_batch_size,
-                                                                        collate_fn=docred.collate_fn):
+        # A generator of its own: a DataLoader draws a seed from the global one otherwise, and an
+        # evaluation (run on a new best dev F1 only) would shift training's dropout stream.
+        batches = DataLoader(features, batch_size=args.test_batch_size, collate_fn=docred.collate_fn,
+                             generator=torch.Generator())
+        for input_ids, attention_mask, _, entity_pos, hts in batches:
             scores.append(model.pair_scores(input_ids.to(device), attention_mask.to(device), entity_pos, hts).float()
                           .cpu())
     return torch.cat(scores) if scores else torch.zeros(0, model.bilinear.num_classes)
@@ -635,7 +659,14 @@ def run(args, processes):
         if processes.is_main:
             amp_dtype = autocast_dtype(args.amp, processes.device)
             state = torch.load(args.load_path, map_location=processes.device, weights_only=True)
-            model.load_state_dict(state, strict=True)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                raise SystemExit(
+                    f"--load_path: {args.load_path} does not fit this model ({str(error).splitlines()[-1].strip()}); "
+                    "give the flags it was trained with: --model_name_or_path, --emb_size, --block_size, --preset "
+                    "(offline demo: also --synthetic_train_docs, --vocab_size and --encoder_*, since the demo "
+                    "builds its tokenizer from the training documents)") from error
             emit({"phase": "load", **evaluate(model, features, docs, rel2id, args, processes.device, amp_dtype,
                                               dev_labels(features, rel2id))})
             write_test_predictions(model, features, rel2id, args, processes.device, amp_dtype)

@@ -150,6 +150,12 @@ def test_load_path_alone_evaluates_the_best_checkpoint_and_writes_result_json(wo
     (loaded_old,) = run([*argv[:-1], "old_style.pt"], capsys)
     assert {name: loaded_old[name] for name in METRICS} == {name: best[name] for name in METRICS}
 
+    # Under other model flags the state dict does not fit: the message says which flags matter.
+    wider = [("64" if previous == "--emb_size" else a) for previous, a in zip([None, *argv], argv)]
+    with pytest.raises(SystemExit, match=r"--load_path: best.pt does not fit this model \(size mismatch .*; give "
+                                         r"the flags it was trained with: --model_name_or_path, --emb_size"):
+        run(wider, capsys)
+
 
 def test_same_seed_same_run_in_a_fresh_process(workdir, bf16_run):
     """Deterministic with --seed: `python -m ncrl_kernels.train_docred` with the same flags gives
@@ -242,6 +248,10 @@ def test_bad_flags_name_the_flag(workdir, monkeypatch):
         train_docred.main(atlop_flags(num_class="97"))
     with pytest.raises(SystemExit, match=r"--train_file: ./dataset/docred/train.json does not exist"):
         train_docred.main(atlop_flags(train_file="train.json"))
+    rel2id = json.loads((workdir / "meta" / "rel2id.json").read_text())
+    (workdir / "short.json").write_text(json.dumps({r: i for i, r in enumerate(sorted(rel2id)[:-3])}))
+    with pytest.raises(SystemExit, match=r"--rel2id: short.json has no id for \d+ relation\(s\) of the data \(P"):
+        train_docred.main(atlop_flags(rel2id="short.json"))
 
 
 def test_flags_take_atlops_defaults_and_the_presets(capsys):
@@ -274,6 +284,21 @@ def test_flags_take_atlops_defaults_and_the_presets(capsys):
     with pytest.raises(SystemExit):
         train_docred.parse_args(["--num_train_epochs", "2.5"])
     assert "--num_train_epochs must be a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--synthetic_dev_docs", "0"], "--synthetic_dev_docs must be >= 1, got 0"),
+    (["--synthetic_train_docs", "0"], "--synthetic_train_docs must be >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),
+    (["--warmup_ratio", "2"], r"--warmup_ratio must be in [0, 1] (a fraction of the optimiser steps), got 2.0"),
+    (["--load_path", "missing.pt"], "--load_path: 'missing.pt' does not exist"),
+])
+def test_bad_values_are_refused_before_any_work(flags, message, capsys):
+    """Found when the flags are parsed, naming the flag, not as a traceback after the data is read."""
+    with pytest.raises(SystemExit):
+        train_docred.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 def test_optimizer_groups_follow_the_preset():
@@ -402,3 +427,19 @@ def test_accumulated_gradient_is_the_mean_of_its_batches_gradients():
         single.append(grads())
     for got, first, second in zip(accumulated, *single):
         torch.testing.assert_close(got, (first + second) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_leaves_the_training_random_stream_alone():
+    """Evaluation runs only on a new best dev F1 (and writes test predictions only when there are
+    test documents): it must not draw from the global generator, or those choices would change
+    the dropout of the training that follows."""
+    args = train_docred.parse_args(TINY_DEMO)
+    docs = train_docred.load_documents(args)
+    rel2id, _ = train_docred.load_rel2id(args, docs)
+    tokenizer, encoder = train_docred.build_encoder(args, docs, len(rel2id))
+    features = train_docred.read_features({"dev": docs["dev"]}, tokenizer, rel2id, args)["dev"]
+    model = DocREModel(encoder.config, encoder, args.emb_size, args.block_size, args.num_labels, loss=args.loss)
+    state = torch.get_rng_state()
+    scores = train_docred.pair_scores(model, features, args, torch.device("cpu"), None)
+    assert scores.shape[0] == sum(len(f["hts"]) for f in features)
+    assert torch.equal(torch.get_rng_state(), state)
