@@ -31,8 +31,10 @@ from ncrl_kernels.atlop import DocREModel  # noqa: E402
 BATCHES = {"docred": (4, 20), "pairs": (4, 32)}  # documents, entities per document
 TOKENS = 512
 CLASSES = 97
-# --tiny: a small encoder and batch, for a smoke test of the script (not a measurement).
+# --tiny: a small encoder and batches, for a smoke test of the script (not a measurement).
 TINY = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=32000)
+TINY_BATCHES = {"docred": (2, 4), "pairs": (2, 6)}
+TINY_LAYERS = 2
 POSITIVE_PAIR_RATE = 0.03
 
 
@@ -95,12 +97,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", nargs="+", choices=sorted(BATCHES), default=["docred", "pairs"])
-    p.add_argument("--layers", type=int, default=12, help="encoder layers (12: BERT-base)")
+    p.add_argument("--layers", type=int, help=f"encoder layers (default: 12, BERT-base; --tiny: {TINY_LAYERS})")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case (at least)")
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--results", default=harness.RESULTS_DIR)
+    p.add_argument("--results", help=f"directory of the CSV (default: {harness.RESULTS_DIR}; --tiny: none, rows are "
+                                     "only printed unless this is given)")
     p.add_argument("--tiny", action="store_true", help="a small encoder and batch: a smoke test, not a measurement")
     args = p.parse_args(argv)
+    if args.layers is None:
+        args.layers = TINY_LAYERS if args.tiny else 12
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     fused = next(b for b in ("triton", "cpp", "cuda") if b in ncrl_kernels.available_backends(device)
@@ -112,7 +117,7 @@ def main(argv=None):
     print(f"device {name}  commit {commit}  {encoder} encoder, {args.layers} layers, {dtype_name}")
     rows = []
     for batch_name in args.batches:
-        documents, entities = (2, 4) if args.tiny else BATCHES[batch_name]
+        documents, entities = (TINY_BATCHES if args.tiny else BATCHES)[batch_name]
         batch = make_batch(documents, entities, device, tokens=64 if args.tiny else TOKENS)
         n_pairs = sum(len(h) for h in batch["hts"])
         times = {}
@@ -136,7 +141,10 @@ def main(argv=None):
             print(f"  {batch_name:7s} {provider:14s} head + loss {head:8.1f} ms = {100 * head / times[provider][0]:4.1f}%"
                   " of the step")
         print(f"  {batch_name:7s} step: fused {times['eager'][0] / times[f'fused-{fused}'][0]:.2f}x faster than eager")
-    path = harness.append_rows(rows, device, args.results, suffix="-atlop-step")
+    if args.results is None and args.tiny:
+        print("not written: --tiny is a smoke test (pass --results DIR to keep its rows)")
+        return rows
+    path = harness.append_rows(rows, device, args.results or harness.RESULTS_DIR, suffix="-atlop-step")
     print(f"appended {len(rows)} rows to {path}")
     return rows
 

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
+from ncrl_kernels import _dispatch  # noqa: E402
 
 KERNEL = "group_bilinear_ncrl"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,6 +71,10 @@ def loss_provider(backend, compiled=False):
     if compiled:
         step = torch.compile(step, dynamic=False)
     return lambda case: step(*case.params, case.labels, case.block)
+
+
+# Every provider name; providers_for(device) lists those that can run there.
+PROVIDERS = ("eager", "compiled", "gemm-bound", *(f"fused-{b}" for b in _dispatch.BACKENDS if b != "reference"))
 
 
 def providers_for(device):
@@ -279,7 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: CPU fp32; CUDA fp32 bf16 "
                    "(bf16 = torch.autocast with fp32 parameters, as ATLOP trains)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--providers", nargs="+", help="default: every provider available on the device")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="PROVIDER",
+                   help=f"any of {', '.join(PROVIDERS)} (default: every one available on the device)")
     p.add_argument("--reps", type=int, default=5, help="minimum timed repetitions")
     p.add_argument("--seconds", type=float, default=3.0, help="keep repeating (up to 100) while under this time")
     p.add_argument("--emb", type=int, default=768)
