@@ -196,7 +196,8 @@ def parse_args(argv=None):
     else the preset's, else ATLOP's default."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.synthetic = all(getattr(args, name) is None for name in DATA_FLAGS)
+    args.data_flags = [f"--{name}" for name in DATA_FLAGS if getattr(args, name) is not None]
+    args.synthetic = not args.data_flags
     layers = ([SYNTHETIC_DEFAULTS] if args.synthetic else []) + [
         PRESETS[args.preset]["model"], PRESETS[args.preset]["training"], ATLOP_DEFAULTS]
     for name in {key for layer in layers for key in layer}:
@@ -253,8 +254,11 @@ def load_documents(args):
         path = os.path.join(args.data_dir, name)
         if not os.path.isfile(path):
             flag = "--distant_file" if split == "distant" else f"--{split}_file"
-            raise SystemExit(f"{flag}: {path} does not exist (it is joined to --data_dir {args.data_dir!r}); pass the "
-                             "directory holding the DocRED files as --data_dir")
+            why = "" if flag in args.data_flags else (
+                f" ({flag} is ATLOP's default: {', '.join(args.data_flags)} left the offline demo, which any data "
+                "flag does)")
+            raise SystemExit(f"{flag}: {path} does not exist (it is joined to --data_dir {args.data_dir!r}){why}; pass "
+                             "the directory holding the DocRED files as --data_dir")
         docs[split] = docred.load_json(path)
     for split in ("train", "dev"):
         if split not in docs:

@@ -265,8 +265,9 @@ def test_flags_take_atlops_defaults_and_the_presets(capsys):
     assert (args.loss, args.symmetric, args.classifier_lr, args.classifier_weight_decay) == ("atl", False, 1e-4, 0.0)
     assert (args.emb_size, args.block_size, args.num_train_epochs, args.evaluation_steps) == (768, 64, 30, -1)
     # ATLOP's defaults fill what a run script leaves out.
-    assert vars(train_docred.parse_args(["--data_dir", "d"])) | {"data_dir": "./dataset/docred"} == vars(
-        train_docred.parse_args(["--train_file", "train_annotated.json"]))
+    # Any data flag leaves the demo; the others take ATLOP's defaults (args.data_flags: those given).
+    assert vars(train_docred.parse_args(["--data_dir", "d"])) | {"data_dir": "./dataset/docred", "data_flags": []} == (
+        vars(train_docred.parse_args(["--train_file", "train_annotated.json"])) | {"data_flags": []})
 
     ncrl = train_docred.parse_args(["--data_dir", "d", "--preset", "ncrl-docred"])
     for name, value in {**PRESETS["ncrl-docred"]["model"], **PRESETS["ncrl-docred"]["training"]}.items():
@@ -443,3 +444,13 @@ def test_evaluation_leaves_the_training_random_stream_alone():
     scores = train_docred.pair_scores(model, features, args, torch.device("cpu"), None)
     assert scores.shape[0] == sum(len(f["hts"]) for f in features)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_data_flag_alone_says_it_left_the_demo(tmp_path, monkeypatch):
+    """Any data flag (here --distant_file) leaves the offline demo, so the others take ATLOP's
+    defaults; a missing default file says so."""
+    monkeypatch.chdir(tmp_path)
+    args = train_docred.parse_args(["--distant_file", "train_distant.json"])
+    with pytest.raises(SystemExit, match=r"--train_file: ./dataset/docred/train_annotated.json does not exist .*"
+                                         r"\(--train_file is ATLOP's default: --distant_file left the offline demo"):
+        train_docred.load_documents(args)
