@@ -28,7 +28,7 @@ def load_error(exc, package_dir):
         # a source checkout without a built _C, found before the installed copy (if any).
         return (f"ncrl_kernels was imported from the source checkout {root}, where the extension is not built "
                 "(the current directory, the script's directory or PYTHONPATH comes before any installed copy); "
-                "run from another directory, or build it in place with `pip install --no-build-isolation -e .`")
+                f"run from another directory, or build it in place: {REBUILD}")
     return f"{type(exc).__name__}: {exc}; {REBUILD}"  # not built, or built against another torch
 
 

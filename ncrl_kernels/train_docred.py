@@ -275,8 +275,7 @@ def load_rel2id(args, docs):
     for path in candidates:
         if os.path.isfile(path):
             rel2id = docred.load_json(path)
-            unknown = sorted({label["r"] for split in docs.values() for doc in split
-                              for label in doc.get("labels", ())} - rel2id.keys())
+            unknown = sorted(docred.build_rel2id(*docs.values()).keys() - {docred.NA_RELATION} - rel2id.keys())
             if unknown:
                 flag = "--rel2id" if args.rel2id else "meta/rel2id.json"
                 raise SystemExit(f"{flag}: {path} has no id for {len(unknown)} relation(s) of the data ("
