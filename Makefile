@@ -74,7 +74,7 @@ check-cuda-build: $(CUDA_VENV)/.deps-stamp
 
 # On a CUDA machine, no internet needed: install this checkout into the Python that is there (with
 # its CUDA torch and triton), run the GPU benchmarks, the GPU tests and then the others, the plots,
-# print a summary; under 8 minutes. Results go to bench/results/ (and $OUT when set).
+# print a summary; under 9 minutes. Results go to bench/results/ (and $OUT when set).
 gpu-check:
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 

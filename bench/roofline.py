@@ -3,7 +3,7 @@
 each kernel's ideal time is the larger of its tensor-core time at peak and its HBM time, for
 the work the kernels actually do (classes padded to the 128-wide tile, 3 dots for 3xTF32).
 
-    python bench/roofline.py                 # N = 1024 4096 16384, bf16 and TF32, DocRED shape
+    python bench/roofline.py                 # N = 1024 4096 16384, bf16, TF32 and 3xTF32, DocRED shape
 
 These are predictions, not measurements: real kernels reach some fraction of them (the
 per-kernel benchmark, bench/kernels.py, prints its measured times next to these). L2 traffic,

@@ -280,7 +280,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--n", type=int, nargs="+", help="pair counts (default: CPU 512 2048 4096; CUDA 1024 4096 16384)")
     p.add_argument("--large-n", type=int, help="extra N run by the fused providers only, fwd_bwd, twice "
-                   "(default on the CPU: 16384, where eager would need ~10 GiB; 0 to skip)")
+                   "(default on the CPU: 16384, where eager would need ~9 GiB; 0 to skip)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: CPU fp32; CUDA fp32 bf16 "
                    "(bf16 = torch.autocast with fp32 parameters, as ATLOP trains)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

@@ -27,7 +27,8 @@ def reduce_pairs(per_pair, reduction):
 
 
 def group_bilinear(hs, ts, weight, bias=None, block_size=64, symmetric=False):
-    """ATLOP's group-bilinear head: ``F.linear(kron_features(hs, ts), weight, bias)``."""
+    """ATLOP's group-bilinear head: ``F.linear(x, weight, bias)`` on the Kronecker feature x
+    ([N, E*B]: per group of B columns, the outer product of hs's and ts's blocks), built whole."""
     n, emb = hs.shape
     groups = emb // block_size
     b1 = hs.reshape(n, groups, block_size)

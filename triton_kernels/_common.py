@@ -29,9 +29,10 @@ LOSS_CODES = {"ncrl": 1, "atl": 2, "bce": 3}
 def direct_launches():
     """A context in which ``launcher(kernel)[grid](...)`` launches the kernel straight through
     Triton, as a ``triton_op``'s own eager kernel does. Outside one, every launch goes through
-    wrap_triton's higher-order op, there for tracing: about 50 us of Python per launch on this
-    project's 2-core CPU (a launch that does nothing), about 0.2 ms on the H200 machine's host
-    (bench/kernels.py, first GPU run), against 3 us direct."""
+    wrap_triton's higher-order op, there for tracing: about 150 us of Python per launch on this
+    project's 2-core CPU (a step's four launches of compiled kernels whose run does nothing: 787 us
+    against 193 us direct, docs/triton.md), about 0.2 ms on the H200 machine's host
+    (bench/kernels.py, first GPU run)."""
     return set_wrap_triton_enabled(False)
 
 

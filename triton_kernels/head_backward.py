@@ -17,9 +17,10 @@ transposed (``[E, N']``): from ``[N, E]`` their group tile came by 4-byte copies
 - ``weight_grad_kernel``: one program per ROWS feature rows s0 .. s0 + ROWS - 1 of a group (the
   weight columns s*B + j of every class), looping over all pair tiles in order:
   ``dW[:, s*B + j]^T += feature[tile, s*B + j]^T @ grad[tile]``, the feature rows stacked into the
-  M dimension of one tl.dot (M = ROWS*B) so that each grad tile read serves ROWS rows.
+  M dimension of one tl.dot (M = ROWS*BLOCK_J, BLOCK_J being B padded to a power of two >= 16) so
+  that each grad tile read serves ROWS rows.
 - ``input_grad_kernel``: one program per (pair tile, group g): ``d feature = grad @ W`` for ROWS
-  feature rows per tl.dot (N = ROWS*B), reduced against ts and hs into that group's columns of
+  feature rows per tl.dot (N = ROWS*BLOCK_J), reduced against ts and hs into that group's columns of
   d hs and d ts.
 d bias is grad's column sum, done by the caller.
 """

@@ -102,7 +102,8 @@ def head_forward_kernel(
 
 
 # Candidate configs per operand kind (_common.operand_kind), the default first; compile_check
-# compiles them all for sm_90 (the defaults without spills, shared memory within an H100's) and
+# compiles them all for sm_90 (the plain head's 16-bit and TF32 defaults without spills, the others
+# within compile_check.SPILL_LIMIT; shared memory within an H100's) and
 # bench/kernels.py times them. 16-bit: 128-pair tiles, two feature rows per tl.dot (K=128 for
 # B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
 # splits, so one row per dot. "/sm8x": for GPUs without wgmma (_common.table_key), from the

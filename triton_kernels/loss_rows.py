@@ -124,7 +124,7 @@ def epilogue_kernel(
     """One program per BLOCK_N rows: f = sum_k partial[k] (in order k = 0, 1, ..., so the result
     does not depend on timing) + bias, in the loss dtype (fp32 or fp64); the logits in their
     dtype when WRITE_LOGITS; then, unless LOSS is HEAD_ONLY, the row losses and d(loss)/d(f) from
-    f itself (not from the logits rounded to bf16/fp16, as the C++ kernels do), 1/N-scaled for
+    f itself (as the C++ kernels do, not from the logits rounded to bf16/fp16), 1/N-scaled for
     the mean reduction. The loss-only op passes its logits as the one partial."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
