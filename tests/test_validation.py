@@ -192,6 +192,22 @@ def test_triton_needs_cuda_or_interpreter(good, monkeypatch):
     assert "triton" not in ncrl_kernels.available_backends("cuda")
 
 
+@pytest.mark.skipif("triton" not in ncrl_kernels.available_backends("cpu"), reason="needs Triton's interpreter")
+def test_triton_interpreter_refuses_bf16_heads(good):
+    """The interpreter has no bf16 (its dots on bf16 operands return logits of 1e11), so the head
+    refuses bf16 inputs, also when autocast casts to bf16; the losses alone run on fp32 logits
+    and take bf16 logits."""
+    bf16 = dict(good, **{k: good[k].to(torch.bfloat16) for k in ("hs", "ts", "weight")})
+    for call in (fused, head):
+        with pytest.raises(ValueError, match="interpreter, which has no bf16"):
+            call(bf16, "triton")
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="no bf16"):
+            call(good, "triton")
+    logits = torch.randn(N, C, dtype=torch.bfloat16)
+    assert torch.equal(ncrl_kernels.ncrl_loss(logits, good["labels"], backend="triton"),
+                       ncrl_kernels.ncrl_loss(logits.float(), good["labels"], backend="triton"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_cuda_backend_without_gpu_says_why():
     assert "cuda" not in ncrl_kernels.available_backends("cuda")

@@ -169,7 +169,19 @@ _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
 
 
+def _check_head_dtype(hs):
+    """Triton's interpreter has no bf16: its tl.dot on bf16 operands returns wrong numbers (logits
+    of 1e11), silently, so the head refuses bf16 there (after autocast's cast). The losses alone
+    run on fp32 logits and take bf16."""
+    if TRITON_INTERPRET and hs.dtype == torch.bfloat16:
+        raise ValueError(
+            "backend='triton' on the CPU runs Triton's interpreter, which has no bf16 (the head's results would be "
+            "wrong): pass fp32 or fp16 tensors (outside bf16 autocast), or use backend='cpp' or 'reference' for bf16"
+        )
+
+
 def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
+    _check_head_dtype(hs)
     return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric, precision_for(hs.dtype))
 
 
@@ -178,6 +190,7 @@ def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
 
 
 def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
+    _check_head_dtype(hs)
     value, logits, _ = _FAMILY("fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss,
                                float(gamma), margin_reg, reduction, precision_for(hs.dtype))
     return value, logits
