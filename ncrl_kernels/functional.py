@@ -11,8 +11,12 @@ from . import _dispatch, _validation, reference
 
 def _autocast_dtype(device):
     """The dtype the head runs in under torch.autocast on `device`, or None when autocast is off
-    (or does not exist for the device: meta tensors, for one, where asking raises)."""
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+    (or does not exist for the device: meta tensors, for one, where asking raises). CPU and CUDA
+    always have it and are not asked: torch 2.11's Dynamo cannot trace is_autocast_available, and
+    a fullgraph compile would break on it."""
+    if device.type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device.type):
+        return None
+    if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
 
