@@ -6,13 +6,26 @@ toolkit is found and the installed torch is a CUDA build. A GPU is not needed to
 
 The build log says which was built in one line starting "ncrl_kernels: building" (pip prints the
 log with -v). Architectures come from TORCH_CUDA_ARCH_LIST, "8.0;9.0+PTX" when unset.
+
+The extension runs only with the torch it was compiled against, so the build uses the torch of the
+environment (no build isolation: pyproject.toml does not list torch among the build requirements)
+and records its version in _build_info.py next to the compiled _C, which the package checks before
+loading the extension (ncrl_kernels/_extension.py).
 """
 import glob
 import os
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:
+    raise SystemExit(
+        f"ncrl_kernels builds against the torch it will run with, and none is importable here ({exc}). "
+        "Install torch first, then build without isolation: pip install --no-build-isolation ncrl_kernels "
+        "(or . / -e . in a checkout; see README, 'Install')"
+    ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,9 +74,22 @@ def extension():
     return CppExtension("ncrl_kernels._C", sources, extra_compile_args={"cxx": cxx})
 
 
+class BuildAndRecordTorch(BuildExtension):
+    """torch's BuildExtension, then _build_info.py written next to the compiled _C (in the source
+    tree for editable installs, in the build directory for wheels): the torch version it was
+    compiled against."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("ncrl_kernels._C")), "_build_info.py")
+        with open(path, "w") as f:
+            f.write('"""Written by setup.py: the torch that ncrl_kernels._C was compiled against."""\n'
+                    f"TORCH_VERSION = {torch.__version__!r}\n")
+
+
 setup(
     packages=["ncrl_kernels", "ncrl_kernels.triton_kernels"],
     package_dir={"ncrl_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildAndRecordTorch},
 )

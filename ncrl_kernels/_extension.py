@@ -1,8 +1,9 @@
 """The C++/CUDA extension ops (``torch.ops.ncrl_kernels.*``, schemas in csrc/ops.cpp): their fake
 kernels and autograd, and the backend functions "cpp" (CPU tensors) and "cuda" (CUDA tensors) run.
 
-Importing this module does not fail when ``ncrl_kernels._C`` was not built: ``LOAD_ERROR`` says why
-(and what to do), the dispatcher reports those backends as unavailable, and an
+Importing this module does not fail when ``ncrl_kernels._C`` was not built, or was built against
+another torch (then it is not loaded at all: ``_build_info.TORCH_VERSION``, written by setup.py, is
+compared first): ``LOAD_ERROR`` says why (and what to do), the dispatcher reports those backends as unavailable, and an
 ``ExtensionNotLoadedWarning`` says so once per process (an error only where warnings are errors).
 """
 import pathlib
@@ -13,7 +14,8 @@ import torch
 from . import _op_autograd
 
 
-REBUILD = "reinstall with `pip install --no-build-isolation -e .` (see README, 'Install')"
+REBUILD = ("reinstall with `pip install --no-build-isolation -e .` in a checkout (elsewhere the same without -e, "
+           "from the sources; see README, 'Install')")
 
 
 class ExtensionNotLoadedWarning(RuntimeWarning):
@@ -29,15 +31,38 @@ def load_error(exc, package_dir):
         return (f"ncrl_kernels was imported from the source checkout {root}, where the extension is not built "
                 "(the current directory, the script's directory or PYTHONPATH comes before any installed copy); "
                 f"run from another directory, or build it in place: {REBUILD}")
-    return f"{type(exc).__name__}: {exc}; {REBUILD}"  # not built, or built against another torch
+    return f"{type(exc).__name__}: {exc}; {REBUILD}"  # not built, or an unrecorded build for another torch
 
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+def torch_mismatch(build_version, running_version):
+    """Why an extension compiled against torch `build_version` must not be loaded into torch
+    `running_version`, or None. Another torch's extension may even load and then corrupt memory on
+    its first call (seen: "free(): invalid pointer" after `pip install -U torch`), so the versions
+    are compared before loading it."""
+    if build_version == running_version:
+        return None
+    return (f"it was compiled against torch {build_version} and this is torch {running_version} (the extension "
+            f"runs only with the torch it was built with); {REBUILD}")
 
-    LOAD_ERROR = None
-except ImportError as exc:
-    LOAD_ERROR = load_error(exc, pathlib.Path(__file__).resolve().parent)
+
+def _load():
+    """LOAD_ERROR: None once _C is loaded, else why it was not."""
+    try:
+        from ._build_info import TORCH_VERSION  # written by setup.py next to _C
+    except ImportError:
+        TORCH_VERSION = torch.__version__  # not built here, or built before setup.py recorded it
+    mismatch = torch_mismatch(TORCH_VERSION, torch.__version__)
+    if mismatch is not None:
+        return mismatch
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+    except ImportError as exc:
+        return load_error(exc, pathlib.Path(__file__).resolve().parent)
+    return None
+
+
+LOAD_ERROR = _load()
+if LOAD_ERROR is not None:
     warnings.warn(f"ncrl_kernels: the compiled extension is not available, so backend='auto' runs the unfused "
                   "reference on CPU tensors (it builds the [N, E*B] feature) and CUDA has no 'cuda' fallback: "
                   f"{LOAD_ERROR}", ExtensionNotLoadedWarning)

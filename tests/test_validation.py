@@ -1,5 +1,8 @@
 """Every bad input of docs/spec.md gets a ValueError/TypeError naming the argument, before any kernel
 runs, whichever backend is asked for."""
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -132,6 +135,41 @@ def test_backend_that_cannot_run_says_why(good, monkeypatch, tmp_path):
     assert "cpp" not in ncrl_kernels.available_backends("cpu")
     # "auto" falls back to the reference.
     assert torch.isfinite(fused(good, "auto"))
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
+def test_build_recorded_its_torch():
+    from ncrl_kernels import _build_info
+    assert _build_info.TORCH_VERSION == torch.__version__
+
+
+def test_extension_built_for_another_torch_is_not_loaded():
+    """An extension compiled against another torch (say, before `pip install -U torch`) may load
+    and then corrupt memory on its first call, so it is not loaded at all: a warning says why and
+    how to rebuild, and "auto" runs the reference. In a fresh process, with the recorded version
+    replaced."""
+    code = (
+        "import sys, types, warnings\n"
+        "sys.modules['ncrl_kernels._build_info'] = types.SimpleNamespace(TORCH_VERSION='2.0.0+old')\n"
+        "import torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ncrl_kernels\n"
+        "from ncrl_kernels import _extension\n"
+        "print(repr(_extension.LOAD_ERROR))\n"
+        "print([w.category.__name__ for w in caught])\n"
+        "print('ncrl_kernels._C' in sys.modules, ncrl_kernels.available_backends('cpu')[:2])\n"
+        "print(float(ncrl_kernels.ncrl_loss(torch.randn(4, 3), torch.eye(3)[[0, 1, 2, 0]])) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    error, categories, loaded, usable = out.stdout.splitlines()[-4:]
+    assert f"compiled against torch 2.0.0+old and this is torch {torch.__version__}" in error
+    assert "pip install --no-build-isolation" in error
+    assert "ExtensionNotLoadedWarning" in categories
+    assert loaded.startswith("False") and "'cpp'" not in loaded
+    assert usable == "True"
 
 
 def test_triton_needs_compute_capability_8(monkeypatch):
