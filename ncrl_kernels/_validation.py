@@ -89,7 +89,7 @@ def check_loss_args(loss, gamma, margin_reg, reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma < 1.0:
-        raise ValueError(f"gamma must be a float in [0, 1), got {gamma!r}")
+        raise ValueError(f"gamma must be a number in [0, 1) (a Python float, not a tensor), got {gamma!r}")
     check_flag("margin_reg", margin_reg)
 
 

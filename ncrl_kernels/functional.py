@@ -2,6 +2,7 @@
 way ATLOP runs under it (head in the autocast dtype, loss in fp32), then hands over to one backend
 from the dispatch table (``_dispatch``).
 """
+import math
 import numbers
 
 import torch
@@ -136,15 +137,25 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     return (value, logits.detach()) if return_logits else value
 
 
-def predict(logits, *, num_labels=-1):
+def predict(logits, *, num_labels=-1, threshold=None):
     """ATLOP/NCRL ``get_label``: float multi-hot ``[N, C]``; class k >= 1 is predicted when
     ``f_k > f_0`` (and among the row's top ``num_labels`` scores if ``num_labels > 0``); column 0 is
-    set when nothing else is."""
+    set when nothing else is.
+
+    ``threshold``: for models that learn no none-class score (trained with ``bce_loss``), a global
+    threshold that takes the place of ``f_0`` (0 is probability 0.5); column 0 of ``logits`` is then
+    not read."""
     _check_tensors(logits=logits)
     _validation.check_tensor("logits", logits, ndim=2)
     if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral):
         raise TypeError(f"num_labels must be an int (-1 or 0 for no limit), got {num_labels!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not math.isfinite(threshold)):
+        raise TypeError(f"threshold must be None or a finite Python float (0 for bce_loss's probability 0.5), "
+                        f"got {threshold!r}")
     with torch.no_grad():
+        if threshold is not None:
+            logits = torch.cat([torch.full_like(logits[:, :1], float(threshold)), logits[:, 1:]], dim=1)
         return reference.predict(logits, int(num_labels))
 
 

@@ -25,7 +25,8 @@ class NCRLoss(nn.Module):
         )
 
     def extra_repr(self):
-        return f"gamma={self.gamma}, margin_reg={self.margin_reg}, reduction={self.reduction!r}"
+        return (f"gamma={self.gamma}, margin_reg={self.margin_reg}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
 
 
 class GroupBilinear(nn.Module):
@@ -62,7 +63,7 @@ class GroupBilinear(nn.Module):
 
     def extra_repr(self):
         return (f"emb_size={self.emb_size}, block_size={self.block_size}, num_classes={self.num_classes}, "
-                f"bias={self.bias is not None}, symmetric={self.symmetric}")
+                f"bias={self.bias is not None}, symmetric={self.symmetric}, backend={self.backend!r}")
 
 
 class GroupBilinearLoss(GroupBilinear):
@@ -86,4 +87,5 @@ class GroupBilinearLoss(GroupBilinear):
         )
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, loss={self.loss!r}, gamma={self.gamma}, margin_reg={self.margin_reg}"
+        return (f"{super().extra_repr()}, loss={self.loss!r}, gamma={self.gamma}, margin_reg={self.margin_reg}, "
+                f"reduction={self.reduction!r}")

@@ -241,6 +241,24 @@ def test_predict(device, num_labels):
         assert (got[:, 1:].sum(1) <= num_labels).all()
 
 
+@pytest.mark.parametrize("device", devices())
+def test_predict_with_a_global_threshold(device):
+    """A model trained with bce_loss learns no none-class score: `threshold` takes f_0's place and
+    column 0 is not read; the top-k limit still counts the threshold's column, as with f_0."""
+    logits = make_logits(50, 9, device=device)
+    for threshold in (0.0, 0.7):
+        got = ncrl_kernels.predict(logits, threshold=threshold)
+        want = (logits[:, 1:] > threshold).to(logits.dtype)
+        assert torch.equal(got[:, 1:], want) and torch.equal(got[:, 0], (want.sum(1) == 0).to(logits.dtype))
+        other_column_0 = logits.clone()
+        other_column_0[:, 0] = 1e9
+        assert torch.equal(ncrl_kernels.predict(other_column_0, threshold=threshold), got)
+    thresholded = logits.clone()
+    thresholded[:, 0] = 0.0
+    assert torch.equal(ncrl_kernels.predict(logits, num_labels=2, threshold=0.0),
+                       ncrl_kernels.predict(thresholded, num_labels=2))
+
+
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_symmetric_exact_ties_split_the_gradient(device, backend):
     # ts == hs makes every product pair a tie (hs_i ts_j == hs_j ts_i exactly): each gets half of

@@ -100,7 +100,7 @@ def test_bad_labels(device, backend, good, corrupt, error, match):
 def test_bad_loss_arguments(device, backend, good):
     good = {k: v.to(device) for k, v in good.items()}
     logits = make_logits(N, C, device=device)
-    for gamma in (-0.1, 1.0, 1.5, float("nan"), "0.1"):
+    for gamma in (-0.1, 1.0, 1.5, float("nan"), "0.1", torch.tensor(0.05)):
         with pytest.raises(ValueError, match="gamma"):
             fused(good, backend, gamma=gamma)
         with pytest.raises(ValueError, match="gamma"):
@@ -206,6 +206,9 @@ def test_predict_arguments():
         ncrl_kernels.predict(make_logits(N, C), num_labels=2.5)
     with pytest.raises(ValueError, match="logits"):
         ncrl_kernels.predict(make_logits(N, C)[0])
+    for threshold in ("0.5", True, float("nan"), torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="threshold"):
+            ncrl_kernels.predict(make_logits(N, C), threshold=threshold)
 
 
 def test_available_backends_on_cpu():
