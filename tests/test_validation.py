@@ -57,6 +57,8 @@ BAD_LABELS = [
     pytest.param(lambda a: a["labels"][:-1], ValueError, r"labels must have shape \(N, C\) = \(6, 3\), got \(5, 3\)$",
                  id="labels-rows"),
     pytest.param(lambda a: a["labels"].argmax(1), ValueError, "multi-hot", id="labels-class-index"),
+    pytest.param(lambda a: a["labels"].argmax(1, keepdim=True), ValueError, "multi-hot", id="labels-class-index-column"),
+    pytest.param(lambda a: a["labels"].T, ValueError, "transposed", id="labels-transposed"),
     pytest.param(lambda a: a["labels"].to(torch.complex64), TypeError, "labels", id="labels-complex"),
     pytest.param(lambda a: a["labels"].to("meta"), ValueError, "labels", id="labels-other-device"),
     pytest.param(lambda a: a["labels"].tolist(), TypeError, "labels", id="labels-list"),
