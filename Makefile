@@ -9,7 +9,7 @@ PIP := $(VPY) -m pip
 TORCH_CPU := torch==2.13.0
 EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install test bench plot clean check-cuda-build gpu-check
+.PHONY: install test bench plot clean check-cuda-build gpu-check FORCE
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,15 @@ $(VENV)/.deps-stamp: Makefile | $(VPY)
 		"transformers>=4.57" tokenizers tqdm
 	touch $@
 
-# Editable install; rebuilt whenever the extension's sources or build files change. The build log
-# goes to .venv/build.log (shown on failure); its line saying which kernels were built is printed.
-$(VENV)/.install-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
+# The venv's torch version, rewritten only when it changes: the extension runs only with the torch
+# it was compiled against, so another torch (pip install -U torch) rebuilds it.
+$(VENV)/.torch-version: FORCE $(VENV)/.deps-stamp
+	@$(VPY) -c "import torch; print(torch.__version__)" > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+# Editable install; rebuilt whenever the extension's sources, build files or torch change. The build
+# log goes to .venv/build.log (shown on failure); its line saying which kernels were built is printed.
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp $(VENV)/.torch-version $(EXT_SOURCES)
 	$(PIP) install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 || { tail -n 60 $(VENV)/build.log; exit 1; }
 	grep -h "ncrl_kernels: building" $(VENV)/build.log | sort -u || true
 	touch $@
@@ -79,4 +85,4 @@ gpu-check:
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) $(CUDA_VENV) *.egg-info ncrl_kernels/_C*.so
+	rm -rf build $(VENV) $(CUDA_VENV) *.egg-info ncrl_kernels/_C*.so ncrl_kernels/_build_info.py

@@ -24,7 +24,7 @@ except ImportError as exc:
     raise SystemExit(
         f"ncrl_kernels builds against the torch it will run with, and none is importable here ({exc}). "
         "Install torch first, then build without isolation: pip install --no-build-isolation ncrl_kernels "
-        "(or . / -e . in a checkout; see README, 'Install')"
+        "(or . / -e . in a checkout; see README, 'Install'); an sdist too: python -m build --sdist --no-isolation"
     ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +78,12 @@ class BuildAndRecordTorch(BuildExtension):
     """torch's BuildExtension, then _build_info.py written next to the compiled _C (in the source
     tree for editable installs, in the build directory for wheels): the torch version it was
     compiled against."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # Always compile (ninja keeps it incremental): without ninja, setuptools would keep a _C
+        # newer than its sources, built for another torch, under a new record.
+        self.force = True
 
     def run(self):
         super().run()

@@ -47,17 +47,19 @@ def torch_mismatch(build_version, running_version):
 
 def _load():
     """LOAD_ERROR: None once _C is loaded, else why it was not."""
-    try:
-        from ._build_info import TORCH_VERSION  # written by setup.py next to _C
-    except ImportError:
-        TORCH_VERSION = torch.__version__  # not built here, or built before setup.py recorded it
-    mismatch = torch_mismatch(TORCH_VERSION, torch.__version__)
-    if mismatch is not None:
-        return mismatch
+    package_dir = pathlib.Path(__file__).resolve().parent
+    if any(package_dir.glob("_C*")):  # a record without a _C (a stale one, say) says nothing
+        try:
+            from ._build_info import TORCH_VERSION  # written by setup.py next to _C
+        except ImportError:
+            TORCH_VERSION = torch.__version__  # built before setup.py recorded its torch
+        mismatch = torch_mismatch(TORCH_VERSION, torch.__version__)
+        if mismatch is not None:
+            return mismatch
     try:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except ImportError as exc:
-        return load_error(exc, pathlib.Path(__file__).resolve().parent)
+        return load_error(exc, package_dir)
     return None
 
 

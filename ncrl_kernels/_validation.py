@@ -101,10 +101,10 @@ def check_labels(labels, n, classes, device, scores="logits"):
     if labels.is_complex():
         raise TypeError(f"labels must be a real multi-hot tensor (float, bool or int), got {labels.dtype}")
     if labels.shape != (n, classes):
-        if labels.dim() == 1 or labels.shape == (n, 1):
-            hint = " (turn class indices into a multi-hot [N, C] tensor first)"
-        elif labels.shape == (n, classes - 1):
+        if labels.shape == (n, classes - 1):
             hint = " (column 0 is the none class, 'Na': 1 where a pair has no relation)"
+        elif labels.dim() == 1 or labels.shape == (n, 1):
+            hint = " (turn class indices into a multi-hot [N, C] tensor first)"
         elif labels.shape == (classes, n):
             hint = " (transposed? labels.T has the shape)"
         else:

@@ -149,14 +149,19 @@ def predict(logits, *, num_labels=-1, threshold=None):
     _validation.check_tensor("logits", logits, ndim=2)
     if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral):
         raise TypeError(f"num_labels must be an int (-1 or 0 for no limit), got {num_labels!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-                                  or not math.isfinite(threshold)):
-        raise TypeError(f"threshold must be None or a finite Python float (0 for bce_loss's probability 0.5), "
-                        f"got {threshold!r}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be None or a Python float (0 for bce_loss's probability 0.5), "
+                            f"got {threshold!r}")
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
     with torch.no_grad():
-        if threshold is not None:
-            logits = torch.cat([torch.full_like(logits[:, :1], float(threshold)), logits[:, 1:]], dim=1)
-        return reference.predict(logits, int(num_labels))
+        if threshold is None:
+            return reference.predict(logits, int(num_labels))
+        # Compared in fp32 at least: a threshold tuned on dev must not be rounded to bf16 logits' grid.
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        scores = torch.cat([torch.full_like(scores[:, :1], float(threshold)), scores[:, 1:]], dim=1)
+        return reference.predict(scores, int(num_labels)).to(logits.dtype)
 
 
 def available_backends(device="cpu"):

@@ -257,6 +257,10 @@ def test_predict_with_a_global_threshold(device):
     thresholded[:, 0] = 0.0
     assert torch.equal(ncrl_kernels.predict(logits, num_labels=2, threshold=0.0),
                        ncrl_kernels.predict(thresholded, num_labels=2))
+    # bf16 logits against a threshold between two bf16 values: compared exactly, not on bf16's grid.
+    bf16 = torch.tensor([[5.0, 0.703125, 0.69921875]], dtype=torch.bfloat16, device=device)
+    got = ncrl_kernels.predict(bf16, threshold=0.7015)
+    assert got.dtype == torch.bfloat16 and got.tolist() == [[0.0, 1.0, 0.0]]
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())

@@ -208,8 +208,11 @@ def test_predict_arguments():
         ncrl_kernels.predict(make_logits(N, C), num_labels=2.5)
     with pytest.raises(ValueError, match="logits"):
         ncrl_kernels.predict(make_logits(N, C)[0])
-    for threshold in ("0.5", True, float("nan"), torch.tensor(0.5)):
+    for threshold in ("0.5", True, torch.tensor(0.5)):
         with pytest.raises(TypeError, match="threshold"):
+            ncrl_kernels.predict(make_logits(N, C), threshold=threshold)
+    for threshold in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold"):
             ncrl_kernels.predict(make_logits(N, C), threshold=threshold)
 
 
