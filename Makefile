@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make bench` (the main job) and `make test`.
 # Both create .venv, install what they need (CPU torch from local disk, never a CUDA wheel) and
-# build the extension; re-running only rebuilds when csrc/ or the build files change.
+# build the extension; re-running only rebuilds when csrc/, the build files or torch change.
 
 PYTHON ?= python3
 VENV := .venv
