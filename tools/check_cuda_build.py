@@ -93,13 +93,13 @@ def installed_extension(wheel):
     in-tree package cannot shadow it); returns what that interpreter saw."""
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", wheel], check=True)
     probe = f"""
-import json, torch
+import json, sys, torch
 from ncrl_kernels import _extension
 missing = [f"{{op}} ({{key}})" for op in {OPS!r} for key in ("CPU", "CUDA")
            if _extension.LOAD_ERROR is not None
            or not torch._C._dispatch_has_kernel_for_dispatch_key("ncrl_kernels::" + op, key)]
 print(json.dumps({{"load_error": _extension.LOAD_ERROR, "missing": missing, "torch": torch.__version__,
-                  "library": getattr(getattr(_extension, "_C", None), "__file__", None)}}))
+                  "library": getattr(sys.modules.get("ncrl_kernels._C"), "__file__", None)}}))
 """
     with tempfile.TemporaryDirectory() as outside:
         result = subprocess.run([sys.executable, "-c", probe], cwd=outside, capture_output=True, text=True)
