@@ -10,7 +10,8 @@ log with -v). Architectures come from TORCH_CUDA_ARCH_LIST, "8.0;9.0+PTX" when u
 The extension runs only with the torch it was compiled against, so the build uses the torch of the
 environment (no build isolation: pyproject.toml does not list torch among the build requirements)
 and records its version in _build_info.py next to the compiled _C, which the package checks before
-loading the extension (ncrl_kernels/_extension.py).
+loading the extension (ncrl_kernels/_extension.py), with the CUDA architectures built, which the
+dispatcher checks against the GPU (ncrl_kernels/_dispatch.py).
 """
 import glob
 import os
@@ -77,7 +78,7 @@ def extension():
 class BuildAndRecordTorch(BuildExtension):
     """torch's BuildExtension, then _build_info.py written next to the compiled _C (in the source
     tree for editable installs, in the build directory for wheels): the torch version it was
-    compiled against."""
+    compiled against and, for a CUDA build, the architectures its device code is for."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -88,9 +89,11 @@ class BuildAndRecordTorch(BuildExtension):
     def run(self):
         super().run()
         path = os.path.join(os.path.dirname(self.get_ext_fullpath("ncrl_kernels._C")), "_build_info.py")
+        cuda_archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_build_reason() is None else None
         with open(path, "w") as f:
-            f.write('"""Written by setup.py: the torch that ncrl_kernels._C was compiled against."""\n'
-                    f"TORCH_VERSION = {torch.__version__!r}\n")
+            f.write('"""Written by setup.py: the torch that ncrl_kernels._C was compiled against, and the\n'
+                    'TORCH_CUDA_ARCH_LIST of its CUDA kernels (None: none built)."""\n'
+                    f"TORCH_VERSION = {torch.__version__!r}\nCUDA_ARCHS = {cuda_archs!r}\n")
 
 
 setup(

@@ -57,6 +57,39 @@ def cuda_capability(index):
     return _CAPABILITIES[index]
 
 
+def cuda_arch_list(spec):
+    """[(major, minor, ptx)] of a TORCH_CUDA_ARCH_LIST such as "8.0;9.0+PTX", or None when an entry
+    is not of that form (a name such as "Ampere", an arch-specific "9.0a"): then nothing is checked."""
+    archs = []
+    for entry in re.split(r"[;,\s]+", spec.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)(\+PTX)?", entry)
+        if match is None:
+            return None
+        archs.append((int(match[1]), int(match[2]), match[3] is not None))
+    return archs or None
+
+
+def runs_on(archs, capability):
+    """Whether device code built for `archs` runs on a GPU of `capability`: machine code for X.Y
+    on X.Y' with Y' >= Y; PTX for X.Y, compiled at load time, on anything from X.Y up."""
+    return any((major == capability[0] and minor <= capability[1]) or (ptx and (major, minor) <= capability)
+               for major, minor, ptx in archs)
+
+
+def _cuda_arch_reason(device):
+    """Why the extension's CUDA kernels have no code for `device`'s GPU, or None (also when the
+    build recorded no arch list)."""
+    archs = cuda_arch_list(_extension.CUDA_ARCH_LIST) if _extension.CUDA_ARCH_LIST else None
+    if archs is None:
+        return None
+    major, minor = cuda_capability(cuda_index(device))
+    if runs_on(archs, (major, minor)):
+        return None
+    return (f"the extension's CUDA kernels were built for TORCH_CUDA_ARCH_LIST=\"{_extension.CUDA_ARCH_LIST}\", "
+            f"which has no code for {device} (compute capability {major}.{minor}); rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" set: {_extension.REBUILD}")
+
+
 def _extension_reason(dispatch_key):
     """Why the compiled extension cannot serve `dispatch_key` ("CPU", "CUDA"), or None."""
     if _extension.LOAD_ERROR is not None:
@@ -85,7 +118,7 @@ def unavailable_reason(name, device):
             return f"'cuda' runs on CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
-        return _extension_reason("CUDA")
+        return _extension_reason("CUDA") or _cuda_arch_reason(device)
     # "triton". The device first: installing Triton would not make it run on these tensors.
     if kind != "cuda" and not (kind == "cpu" and TRITON_INTERPRET):
         return (

@@ -45,25 +45,38 @@ def torch_mismatch(build_version, running_version):
             f"runs only with the torch it was built with); {REBUILD}")
 
 
+def _build_record():
+    """What setup.py recorded next to _C: (the torch it was compiled against, the
+    TORCH_CUDA_ARCH_LIST of its CUDA kernels or None); for a build without a record (made before
+    setup.py wrote one), the running torch and None: nothing to check."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return torch.__version__, None
+    return _build_info.TORCH_VERSION, getattr(_build_info, "CUDA_ARCHS", None)
+
+
 def _load():
-    """LOAD_ERROR: None once _C is loaded, else why it was not."""
+    """(LOAD_ERROR, CUDA_ARCH_LIST): None and the build's arch list once _C is loaded, else why it
+    was not and None."""
     package_dir = pathlib.Path(__file__).resolve().parent
-    if any(package_dir.glob("_C*")):  # a record without a _C (a stale one, say) says nothing
-        try:
-            from ._build_info import TORCH_VERSION  # written by setup.py next to _C
-        except ImportError:
-            TORCH_VERSION = torch.__version__  # built before setup.py recorded its torch
-        mismatch = torch_mismatch(TORCH_VERSION, torch.__version__)
+    if not any(package_dir.glob("_C*")):  # a record without a _C (a stale one, say) says nothing
+        arch_list = None
+    else:
+        build_torch, arch_list = _build_record()
+        mismatch = torch_mismatch(build_torch, torch.__version__)
         if mismatch is not None:
-            return mismatch
+            return mismatch, None
     try:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except ImportError as exc:
-        return load_error(exc, package_dir)
-    return None
+        return load_error(exc, package_dir), None
+    return None, arch_list
 
 
-LOAD_ERROR = _load()
+# CUDA_ARCH_LIST: the architectures the CUDA kernels were built for (the dispatcher checks a GPU
+# against it), None when unknown or not built.
+LOAD_ERROR, CUDA_ARCH_LIST = _load()
 if LOAD_ERROR is not None:
     warnings.warn(f"ncrl_kernels: the compiled extension is not available, so backend='auto' runs the unfused "
                   "reference on CPU tensors (it builds the [N, E*B] feature) and CUDA has no 'cuda' fallback: "

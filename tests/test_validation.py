@@ -188,6 +188,25 @@ def test_triton_needs_compute_capability_8(monkeypatch):
     assert _dispatch.unavailable_reason("triton", torch.device("cuda:0")) is None
 
 
+def test_cuda_backend_checks_the_built_architectures(monkeypatch):
+    """The default build (TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX") has no code a T4 (7.5) can run: the
+    'cuda' backend says so and how to rebuild, where its first launch would fail ("no kernel image
+    is available"); 8.6 runs the sm_80 code, 12.0 the 9.0 PTX. Lists it cannot read are not checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"CPU", "CUDA"}))
+    cases = [("8.0;9.0+PTX", (7, 5), False), ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True),
+             ("8.0;9.0+PTX", (9, 0), True), ("8.0;9.0+PTX", (12, 0), True), ("8.0", (9, 0), False),
+             ("7.5 8.0", (7, 5), True), ("Ampere", (7, 5), True), ("9.0a", (8, 0), True), (None, (7, 5), True)]
+    for arch_list, capability, runs in cases:
+        monkeypatch.setattr(_extension, "CUDA_ARCH_LIST", arch_list)
+        monkeypatch.setattr(_dispatch, "cuda_capability", lambda index, c=capability: c)
+        reason = _dispatch.unavailable_reason("cuda", torch.device("cuda:0"))
+        assert (reason is None) == runs, (arch_list, capability, reason)
+        if not runs:
+            assert f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}"' in reason and "rebuild" in reason
+
+
 def test_cuda_capability_is_a_compile_constant(monkeypatch):
     """Read once, then a constant that torch.compile bakes in, without warnings (Dynamo warns
     about, and traces through, an lru_cache wrapper)."""

@@ -204,6 +204,7 @@ at::Tensor aligned_rows(const at::Tensor& x, at::ScalarType dtype) {
 
 template <typename T>
 void head_forward_tiles(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits) {
+  if (s.n == 0 || s.groups == 0) return;  // nothing to add to the bias; tile_plan needs a real group
   const TilePlan plan = tile_plan(s, sizeof(T));
   const int64_t BB = s.features();
   const T* h = in.hs.data_ptr<T>();
@@ -228,6 +229,8 @@ template <typename T>
 void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Tensor& grad, bool symmetric,
                          at::Tensor& dhs, at::Tensor& dts, at::Tensor& dweight) {
   using A = at::opmath_type<T>;
+  // No pairs or no groups: dhs and dts are empty or zero-width, dweight stays zero.
+  if (s.n == 0 || s.groups == 0) return;
   // The workspace holds dX in A, then the rebuilt features in T (no wider than A) over the same bytes.
   const TilePlan plan = tile_plan(s, sizeof(A));
   const int64_t BB = s.features();
@@ -264,7 +267,11 @@ void head_backward_tiles(const HeadSizes& s, const HeadInputs& in, const at::Ten
 // The CUDA kernels of DeviceOps (device_ops.h).
 struct CudaKernels {
   // fp16/bf16 inputs stay 16-bit for the tensor-core GEMMs; fp32 and fp64 are their own compute type.
-  static at::ScalarType operand_type(at::ScalarType input) { return input; }
+  // fp16 runs as fp32 while torch.backends.cuda.matmul.allow_fp16_accumulation is set: cuBLAS
+  // through ATen then refuses fp16 GEMMs with an fp32 result, which would raise mid-call.
+  static at::ScalarType operand_type(at::ScalarType input) {
+    return input == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS() ? at::kFloat : input;
+  }
 
   static void head_forward(const HeadSizes& s, const HeadInputs& in, bool symmetric, at::Tensor& logits,
                            LossBatch* loss) {
