@@ -121,9 +121,10 @@ def host_us(step, steps, repeats):
 
 def cases():
     """(family, backend, dtype, shape) measured on this device."""
-    if DEVICE.type == "cuda":
-        return [(name, name, dtype, (1024, 768, 64, 97)) for name in ("triton", "cuda")
-                for dtype in (torch.bfloat16, torch.float32) if name in ncrl_kernels.available_backends(DEVICE)]
+    if DEVICE.type == "cuda":  # the C++/CUDA ops are the "extension" family on either device
+        families = (("triton", "triton"), ("extension", "cuda"))
+        return [(family, backend, dtype, (1024, 768, 64, 97)) for family, backend in families
+                for dtype in (torch.bfloat16, torch.float32) if backend in ncrl_kernels.available_backends(DEVICE)]
     found = []
     if "triton" in ncrl_kernels.available_backends(DEVICE):
         # Launches stubbed: any size; fp16, as the interpreter's backend refuses bf16 heads.

@@ -92,7 +92,9 @@ def kernel_rows(args, device, kind, symmetric, emit):
     n, emb, block, classes = args.n, args.emb, args.block, args.classes
     x = make_inputs(n, emb, block, classes, dtype, device)
     common = dict(block_size=block, symmetric=symmetric, precision=precision)
-    model = roofline.kernel_model(n, emb, block, classes, kind)
+    default_forward = candidate_tiles(head_forward.FORWARD_TILES, dtype, precision, x.hs.device)[0]
+    model = roofline.kernel_model(n, emb, block, classes, kind,
+                                  split=head_forward.split_count(default_forward, n, emb, block, device))
 
     firsts = {}  # kernel -> the first (default) candidate's output, which the others must match
 

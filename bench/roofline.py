@@ -13,11 +13,16 @@ fusing pays even though the FLOPs are the same.
 """
 import argparse
 
+from ncrl_kernels.triton_kernels import head_forward
+
 # H200 SXM: dense tensor-core peaks as measured with a large PyTorch matmul on the lent machine
-# (bf16 ~790 TFLOP/s; TF32 about half), and HBM3e bandwidth (~4.3 TB/s device-to-device copy).
+# (bf16 ~790 TFLOP/s; TF32 about half), HBM3e bandwidth (~4.3 TB/s device-to-device copy), SMs.
 PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0, "tf32x3": 395.0 / 3}
 HBM_TBPS = 4.3
+SMS = 132
 CLASS_TILE = 128
+# The forward's config table (head_forward.FORWARD_TILES) of each kind, Hopper's lists.
+TABLE_KEY = {"bf16": "16bit", "tf32": "tf32", "tf32x3": "tf32x3"}
 
 
 def kernel_model(n, emb, block, classes, kind, split=None):
@@ -28,7 +33,8 @@ def kernel_model(n, emb, block, classes, kind, split=None):
     tensor_ms = flop / (PEAK_TFLOPS[kind] * 1e9)
     weight_bytes = classes * emb * block * elt
     inputs_bytes = 2 * n * emb * elt
-    split = split or max(1, -(-132 // -(-n // 128)))  # the forward's default split on 132 SMs
+    # The forward's split with its default config on the H200 (bench/kernels.py passes the real one).
+    split = split or head_forward.split_for(head_forward.FORWARD_TILES[TABLE_KEY[kind]][0], n, emb, block, SMS)
     partial_bytes = split * n * classes * 4
 
     def hbm_ms(nbytes):

@@ -43,11 +43,17 @@ def family_routes(family):
     return backend._FAMILY
 
 
-def family_ops(family):
-    """The family's four ops and the trailing arguments of its head and fused ops."""
+def family_ops(family, dtype):
+    """The family's four ops and the trailing arguments of its head and fused ops for inputs of
+    `dtype` (the Triton ops take the tl.dot precision the backend passes: TF32 or 3xTF32 for fp32)."""
     ops = family_routes(family).ops
-    return ((ops["head_forward"], ops["head_backward"], ops["loss_forward"], ops["fused_forward"]),
-            () if family == "extension" else ("ieee",))
+    if family == "extension":
+        extra = ()
+    else:
+        from ncrl_kernels.triton_kernels.backend import precision_for
+
+        extra = (precision_for(dtype),)
+    return (ops["head_forward"], ops["head_backward"], ops["loss_forward"], ops["fused_forward"]), extra
 
 
 @pytest.mark.parametrize("device,family", op_families())
@@ -55,7 +61,7 @@ def family_ops(family):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_opcheck(device, family, symmetric, reduction):
     """Schemas, fake kernels, autograd registration and AOT dispatch of the four operators."""
-    (head_forward, head_backward, loss_forward, fused_forward), extra = family_ops(family)
+    (head_forward, head_backward, loss_forward, fused_forward), extra = family_ops(family, torch.float64)
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
     hs, ts, weight, bias = leaves(hs, ts, weight, bias)
     torch.library.opcheck(head_forward, (hs, ts, weight, bias, 4, symmetric, *extra))
@@ -77,7 +83,7 @@ def test_eager_function_matches_operator(device, family, reduction):
     """The autograd.Function that eager calls take and the registered operator (with its registered
     autograd) give the same bits, forward and backward, for the three differentiable ops."""
     routes = family_routes(family)
-    extra = family_ops(family)[1]
+    extra = family_ops(family, torch.float32)[1]
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
     grad_logits = make_logits(20, 5, device=device)
     calls = {

@@ -133,6 +133,15 @@ def test_precision_follows_torch(device, setting, pristine_precision, monkeypatc
     assert seen == [want, want, "ieee", "ieee"]
 
 
+@pytest.mark.parametrize("device", triton_devices())
+def test_fp32_ops_refuse_ieee_precision(device):
+    """The kernels have no IEEE-fp32 configs (fp32 runs as TF32 or 3xTF32): an op called directly
+    with "ieee" for fp32 says so, rather than failing on a missing table entry on a GPU."""
+    hs, ts, weight, bias, _ = make_head_inputs(4, 8, 4, 3, device=device)
+    with pytest.raises(ValueError, match="fp32 inputs run as 'tf32' or 'tf32x3'"):
+        torch.ops.ncrl_kernels.triton_head_forward(hs, ts, weight, bias, 4, False, "ieee")
+
+
 @pytest.mark.parametrize("n", [0, 20, 300])
 def test_split_from_the_sm_count(n, monkeypatch):
     """On a GPU every default config leaves the forward's split to split_count (from N and the SM
@@ -222,17 +231,33 @@ def triton_compiles_for_nvidia():
     return "nvidia" in backends
 
 
+def test_config_lists_per_architecture():
+    """Which candidate list a GPU launches: Hopper's on sm_90 and sm_100 (sm_100's own where one
+    of Hopper's does not fit it), the "/sm8x" lists on GPUs without wgmma or tcgen05 (sm_8x,
+    sm_120) where a kernel has one."""
+    pytest.importorskip("triton")
+    from ncrl_kernels.triton_kernels import _common, head_backward
+
+    weight_grad, input_grad = head_backward.WEIGHT_GRAD_TILES, head_backward.INPUT_GRAD_TILES
+    assert _common.table_key(weight_grad, "tf32", (9, 0)) == "tf32"
+    assert _common.table_key(weight_grad, "tf32", (10, 0)) == "tf32/sm100"
+    assert _common.table_key(weight_grad, "16bit", (10, 0)) == "16bit"
+    for capability in ((8, 0), (8, 6), (8, 9), (12, 0)):
+        assert _common.table_key(weight_grad, "tf32", capability) == "tf32/sm8x"
+        assert _common.table_key(input_grad, "16bit", capability) == "16bit"  # no "/sm8x" list
+
+
 @pytest.mark.skipif(not triton_compiles_for_nvidia(), reason="Triton's NVIDIA backend is not installed")
 def test_kernels_compile_for_gpu():
     """The static check (compile_check): every kernel variant's default config compiles for sm_90,
     sm_80 and sm_86 (about 100 KB of shared memory per block, as sm_89; sm_8x take the "/sm8x"
-    candidates) at DocRED shape with the installed Triton (no GPU needed: Triton bundles ptxas),
+    candidates) and sm_100 (Hopper's lists, or "/sm100") at DocRED shape with the installed Triton (no GPU needed: Triton bundles ptxas),
     as a launch compiles it, within the target's shared memory, with pipelined loads, the plain
     head without spills; on sm_90 some loads 16 bytes wide and the bf16/fp16/TF32 dots wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "ncrl_kernels.triton_kernels.compile_check",
-         "--archs", "90", "80", "86"],
+         "--archs", "90", "80", "86", "100"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]

@@ -91,6 +91,8 @@ def operand_kind(dtype, precision):
     if dtype == torch.float64:
         return "fp64"
     if dtype == torch.float32:
+        if precision not in (TF32, TF32X3):
+            raise ValueError(f"fp32 inputs run as {TF32!r} or {TF32X3!r} (precision_for), got precision {precision!r}")
         return precision
     return "16bit"
 
@@ -104,24 +106,27 @@ INTERPRETER_TILES = Tiles(block_n=32, rows=2, num_warps=1, num_stages=1, split=3
 # GPUs with mma.sync tensor cores instead (sm_80/86/89: A100, RTX 30xx/40xx, A10, A40, L4, L40S;
 # and sm_120) take a table's "<kind>/sm8x" list where it has one: configs that compile_check keeps
 # within sm_86's 99 KB and, in the plain head, without spills on sm_80, sm_86 and sm_89, where
-# Hopper's defaults need up to 160 KB or spill kilobytes. sm_100 takes Hopper's lists.
+# Hopper's defaults need up to 160 KB or spill kilobytes. sm_100 (tcgen05) takes Hopper's lists,
+# or a "<kind>/sm100" list where a Hopper candidate does not fit its shared memory (compile_check).
 WGMMA_MAJORS = (9, 10)
 SM8X = "sm8x"
+SM100 = "sm100"
 
 
 def table_key(table, kind, capability):
     """The key of `table` (operand kind -> candidate configs) that a GPU of compute capability
     `capability` (major, minor) launches `kind` operands with."""
-    sm8x = f"{kind}/{SM8X}"
-    return sm8x if capability[0] not in WGMMA_MAJORS and sm8x in table else kind
+    own = f"{kind}/{SM8X}" if capability[0] not in WGMMA_MAJORS else f"{kind}/{SM100}" if capability[0] == 10 else None
+    return own if own in table else kind
 
 
 def candidate_tiles(table, dtype, precision, device):
     """A kernel's candidate configs for these operands on this device (`table`: operand kind ->
     configs), the default first; the interpreter's one config under TRITON_INTERPRET."""
+    kind = operand_kind(dtype, precision)  # checks the precision on the interpreter too
     if TRITON_INTERPRET:
         return [INTERPRETER_TILES]
-    return table[table_key(table, operand_kind(dtype, precision), cuda_capability(cuda_index(device)))]
+    return table[table_key(table, kind, cuda_capability(cuda_index(device)))]
 
 
 def pick_tiles(table, dtype, precision, device):

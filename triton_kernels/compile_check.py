@@ -6,12 +6,14 @@ without TRITON_INTERPRET:
     python -m ncrl_kernels.triton_kernels.compile_check --archs 80 86 90 --all-configs
 
 Each target compiles the candidates a GPU of its compute capability launches
-(_common.table_key): sm_80/86/89 take the "/sm8x" lists where a kernel has one.
+(_common.table_key): sm_80/86/89 and sm_120 take the "/sm8x" lists where a kernel has one, sm_100
+its "/sm100" list or Hopper's.
 
 Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligned (PyTorch's
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
 and config it reports registers and spill stack per thread (cuobjdump), shared memory, the
-tensor-core instruction the dots became (wgmma on sm_90, mma.sync on sm_80, or FMA) and the
+tensor-core instruction the dots became (wgmma on sm_90, tcgen05 on sm_100, mma.sync on sm_8x, or
+FMA) and the
 asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
 variant does not compile, when a config needs more shared memory than the target has, when a
 matmul kernel's default config pipelines no load, when the plain head's default config spills in
@@ -46,7 +48,7 @@ DTYPES = {"fp32": (torch.float32, "*fp32", TF32X3), "tf32": (torch.float32, "*fp
           "fp64": (torch.float64, "*fp64", IEEE)}
 # Shared memory per block (the opt-in limit) of the targets checked: A100, RTX 30xx/A10/A40, RTX
 # 40xx/L4/L40S, H100/H200.
-SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 MATMUL_KERNELS = ("forward", "weight grad", "input grad")
 # The most spill stack any default config may have, per thread (fp64 aside): the register-bound
 # variants spill up to about 200 B; a release that needs kilobytes (Triton 3.8's 3xTF32 d weight
@@ -181,7 +183,8 @@ def main(argv=None):
                         print(f"FAIL {label}: {type(exc).__name__}: {exc}"[:3000], flush=True)
                         continue
                     ptx = compiled.asm["ptx"]
-                    unit = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+                    unit = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma" in ptx
+                            else "mma" if "mma.sync" in ptx else "fma")
                     async_copies = len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx))
                     copy_sizes = collections.Counter(int(size, 16) for size in re.findall(
                         r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*0x([0-9a-f]+)\s*[,;]", ptx))
@@ -190,7 +193,7 @@ def main(argv=None):
                     found = problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes)
                     failures += bool(found)
                     print(f"{'FAIL' if found else 'ok  '} {label} regs={regs:3d} stack={stack:4d} "
-                          f"smem={shared // 1024:3d}K {unit:5s} cp.async={async_copies:3d} "
+                          f"smem={shared // 1024:3d}K {unit:7s} cp.async={async_copies:3d} "
                           f"({' '.join(f'{n}x{size}B' for size, n in sorted(copy_sizes.items(), reverse=True)):18s}) "
                           f"{time.time() - start:4.1f}s {'; '.join(found)}", flush=True)
     print(f"{failures} failed  (* = default config)")

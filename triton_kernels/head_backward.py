@@ -191,11 +191,13 @@ def input_grad_kernel(
 # (torch 2.14.1's pin) spilled 0.6-17 KB per thread in every pipelined 3xTF32 d weight config with
 # 32 or more pairs per tile on sm_90 too (3.6 and 3.9: at most 48 B), so it gets the 16-pair
 # config on wgmma GPUs as well (sm_90, and sm_100, which shares the table): spill-free on sm_90,
-# never timed.
+# never timed. "/sm100": TF32's 128-pair alternative needs 258 KB of shared memory on sm_100 in
+# the symmetric head (Triton 3.9; 194 KB on sm_90), more than its 227 KB, so only the default.
 WEIGHT_GRAD_TILES = {
     "16bit": [Tiles(64, 4, 8, 2), Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
     "16bit/sm8x": [Tiles(32, 2, 8, 3)],
     "tf32": [Tiles(64, 2, 8, 3), Tiles(128, 2, 8, 2)],
+    "tf32/sm100": [Tiles(64, 2, 8, 3)],
     "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(16, 1, 8, 2)] if TRITON_VERSION == (3, 8) else [Tiles(64, 2, 8, 2)],
     "tf32x3/sm8x": [Tiles(16, 1, 8, 2)],

@@ -136,10 +136,16 @@ def row_steps(tiles, emb, block_size):
 
 
 def split_count(tiles, n, emb, block_size, device):
-    """Partial sums over the row steps: tiles.split, or (0) enough for PROGRAMS_PER_SM programs
-    per SM of `device`, each split at least MIN_STEPS_PER_SPLIT steps; never an empty split."""
+    """Partial sums over the row steps for `device`: split_for its SM count."""
+    return split_for(tiles, n, emb, block_size, sm_count(device))
+
+
+def split_for(tiles, n, emb, block_size, sms):
+    """Partial sums over the row steps on a GPU of `sms` SMs: tiles.split, or (0) enough for
+    PROGRAMS_PER_SM programs per SM, each split at least MIN_STEPS_PER_SPLIT steps; never an empty
+    split. (bench/roofline.py models the same split.)"""
     steps = row_steps(tiles, emb, block_size)
-    split = tiles.split or cdiv(PROGRAMS_PER_SM * sm_count(device), cdiv(max(n, 1), tiles.block_n))
+    split = tiles.split or cdiv(PROGRAMS_PER_SM * sms, cdiv(max(n, 1), tiles.block_n))
     split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT if not TRITON_INTERPRET else steps))
     return cdiv(steps, cdiv(steps, split))
 

@@ -134,7 +134,7 @@ def epilogue_kernel(
     ok = row_ok[:, None] & (cols[None, :] < C)
     f = tl.load(partial + at, mask=ok, other=0.0)
     for k in range(1, SPLIT):
-        f += tl.load(partial + k * N * C + at, mask=ok, other=0.0)
+        f += tl.load(partial + tl.cast(k, tl.int64) * N * C + at, mask=ok, other=0.0)  # 64-bit: k*N*C may pass 2**31
     if HAS_BIAS:
         f += tl.load(bias + cols, mask=cols < C, other=0.0).to(f.dtype)[None, :]
     if WRITE_LOGITS:
