@@ -76,14 +76,18 @@ def runs_on(archs, capability):
                for major, minor, ptx in archs)
 
 
+# The extension's CUDA architectures, parsed once: the dispatcher runs inside torch.compile's
+# traces, where the regular expressions would break the graph.
+CUDA_ARCHS = cuda_arch_list(_extension.CUDA_ARCH_LIST) if _extension.CUDA_ARCH_LIST else None
+
+
 def _cuda_arch_reason(device):
     """Why the extension's CUDA kernels have no code for `device`'s GPU, or None (also when the
-    build recorded no arch list)."""
-    archs = cuda_arch_list(_extension.CUDA_ARCH_LIST) if _extension.CUDA_ARCH_LIST else None
-    if archs is None:
+    build recorded no arch list, or one cuda_arch_list cannot read)."""
+    if CUDA_ARCHS is None:
         return None
     major, minor = cuda_capability(cuda_index(device))
-    if runs_on(archs, (major, minor)):
+    if runs_on(CUDA_ARCHS, (major, minor)):
         return None
     return (f"the extension's CUDA kernels were built for TORCH_CUDA_ARCH_LIST=\"{_extension.CUDA_ARCH_LIST}\", "
             f"which has no code for {device} (compute capability {major}.{minor}); rebuild with "

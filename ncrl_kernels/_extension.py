@@ -3,8 +3,9 @@ kernels and autograd, and the backend functions "cpp" (CPU tensors) and "cuda" (
 
 Importing this module does not fail when ``ncrl_kernels._C`` was not built, or was built against
 another torch (then it is not loaded at all: ``_build_info.TORCH_VERSION``, written by setup.py, is
-compared first): ``LOAD_ERROR`` says why (and what to do), the dispatcher reports those backends as unavailable, and an
-``ExtensionNotLoadedWarning`` says so once per process (an error only where warnings are errors).
+compared first): ``LOAD_ERROR`` says why (and what to do), the dispatcher reports those backends
+as unavailable, and an ``ExtensionNotLoadedWarning`` says so once per process (an error only where
+warnings are errors).
 """
 import pathlib
 import warnings

@@ -180,8 +180,8 @@ class OpFamily:
     op's Python autograd layer (dispatch, arguments rebuilt from the schema, a generated
     autograd.Function inside) costs the host nearly as much as the rest of the step: a Triton fused
     forward + backward with its launches stubbed out took 284 us through the operator and 190 us
-    through the Function (bench/host_path.py on a 2-core x86 CPU, at 4842dfa), and at DocRED's sizes a GPU runs
-    the step's kernels faster than the host issues them (docs/triton.md). Wherever something
+    through the Function (bench/host_path.py on a 2-core x86 CPU, at 4842dfa), and at DocRED's
+    sizes a GPU runs the step's kernels faster than the host issues them (docs/triton.md). Wherever something
     works on ops rather than kernels (``dispatches_ops``), the registered operators, with their
     fake kernels and autograd, so the behaviour there is the operators'.
 

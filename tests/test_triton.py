@@ -251,7 +251,8 @@ def test_config_lists_per_architecture():
 def test_kernels_compile_for_gpu():
     """The static check (compile_check): every kernel variant's default config compiles for sm_90,
     sm_80 and sm_86 (about 100 KB of shared memory per block, as sm_89; sm_8x take the "/sm8x"
-    candidates) and sm_100 (Hopper's lists, or "/sm100") at DocRED shape with the installed Triton (no GPU needed: Triton bundles ptxas),
+    candidates) and sm_100 (Hopper's lists, or "/sm100") at DocRED shape with the installed Triton
+    (no GPU needed: Triton bundles ptxas),
     as a launch compiles it, within the target's shared memory, with pipelined loads, the plain
     head without spills; on sm_90 some loads 16 bytes wide and the bf16/fp16/TF32 dots wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

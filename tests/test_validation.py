@@ -57,7 +57,8 @@ BAD_LABELS = [
     pytest.param(lambda a: a["labels"][:-1], ValueError, r"labels must have shape \(N, C\) = \(6, 3\), got \(5, 3\)$",
                  id="labels-rows"),
     pytest.param(lambda a: a["labels"].argmax(1), ValueError, "multi-hot", id="labels-class-index"),
-    pytest.param(lambda a: a["labels"].argmax(1, keepdim=True), ValueError, "multi-hot", id="labels-class-index-column"),
+    pytest.param(lambda a: a["labels"].argmax(1, keepdim=True), ValueError, "multi-hot",
+                 id="labels-class-index-column"),
     pytest.param(lambda a: a["labels"].T, ValueError, "transposed", id="labels-transposed"),
     pytest.param(lambda a: a["labels"].to(torch.complex64), TypeError, "labels", id="labels-complex"),
     pytest.param(lambda a: a["labels"].to("meta"), ValueError, "labels", id="labels-other-device"),
@@ -200,6 +201,7 @@ def test_cuda_backend_checks_the_built_architectures(monkeypatch):
              ("7.5 8.0", (7, 5), True), ("Ampere", (7, 5), True), ("9.0a", (8, 0), True), (None, (7, 5), True)]
     for arch_list, capability, runs in cases:
         monkeypatch.setattr(_extension, "CUDA_ARCH_LIST", arch_list)
+        monkeypatch.setattr(_dispatch, "CUDA_ARCHS", _dispatch.cuda_arch_list(arch_list) if arch_list else None)
         monkeypatch.setattr(_dispatch, "cuda_capability", lambda index, c=capability: c)
         reason = _dispatch.unavailable_reason("cuda", torch.device("cuda:0"))
         assert (reason is None) == runs, (arch_list, capability, reason)
