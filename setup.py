@@ -89,7 +89,8 @@ class BuildAndRecordTorch(BuildExtension):
     def run(self):
         super().run()
         path = os.path.join(os.path.dirname(self.get_ext_fullpath("ncrl_kernels._C")), "_build_info.py")
-        cuda_archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_build_reason() is None else None
+        built_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        cuda_archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if built_cuda else None
         with open(path, "w") as f:
             f.write('"""Written by setup.py: the torch that ncrl_kernels._C was compiled against, and the\n'
                     'TORCH_CUDA_ARCH_LIST of its CUDA kernels (None: none built)."""\n'

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import docred, functional
+from . import docred, functional, reference
 from .modules import GroupBilinearLoss
 
 # BERT/RoBERTa see at most 512 positions; ATLOP encodes longer documents in two overlapping windows.
@@ -250,9 +250,7 @@ class DocREModel(nn.Module):
         return hs, ts, sequence_output
 
     def _with_threshold_column(self, logits):
-        if self.bilinear.loss == "bce":
-            return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
-        return logits
+        return reference.with_threshold(logits, 0.0) if self.bilinear.loss == "bce" else logits
 
 
 def _drop_unsaved_encoder_buffers(module, state_dict, prefix, *_):

@@ -160,7 +160,7 @@ def predict(logits, *, num_labels=-1, threshold=None):
             return reference.predict(logits, int(num_labels))
         # Compared in fp32 at least: a threshold tuned on dev must not be rounded to bf16 logits' grid.
         scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        scores = torch.cat([torch.full_like(scores[:, :1], float(threshold)), scores[:, 1:]], dim=1)
+        scores = reference.with_threshold(scores, float(threshold))
         return reference.predict(scores, int(num_labels)).to(logits.dtype)
 
 

@@ -102,6 +102,12 @@ def loss_fn(logits, labels, loss="ncrl", gamma=0.0, margin_reg=True, reduction="
     return bce_loss(logits, labels, reduction)
 
 
+def with_threshold(scores, threshold):
+    """`scores` with column 0 (the none class's score: each pair's threshold) replaced by one
+    global threshold, for models that learn no none-class score (BCE)."""
+    return torch.cat([torch.full_like(scores[:, :1], threshold), scores[:, 1:]], dim=1)
+
+
 def predict(logits, num_labels=-1):
     """ATLOP/NCRL ``get_label``: classes scoring above the none class, optionally top-k only."""
     th_logit = logits[:, :1]

@@ -13,8 +13,7 @@ Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligne
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
 and config it reports registers and spill stack per thread (cuobjdump), shared memory, the
 tensor-core instruction the dots became (wgmma on sm_90, tcgen05 on sm_100, mma.sync on sm_8x, or
-FMA) and the
-asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
+FMA) and the asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
 variant does not compile, when a config needs more shared memory than the target has, when a
 matmul kernel's default config pipelines no load, when the plain head's default config spills in
 16-bit or TF32 (sm_80/86/89/90) or 3xTF32 (sm_80/86/89), on sm_90 (the tuned target) when a default

@@ -136,8 +136,8 @@ def epilogue_kernel(
     at = rows[:, None] * C + cols[None, :]
     ok = row_ok[:, None] & (cols[None, :] < C)
     f = tl.load(partial + at, mask=ok, other=0.0)
-    for k in range(1, SPLIT):
-        f += tl.load(partial + tl.cast(k, tl.int64) * N * C + at, mask=ok, other=0.0)  # 64-bit: k*N*C may pass 2**31
+    for k in range(1, SPLIT):  # offsets in 64 bits: k*N*C may pass 2**31
+        f += tl.load(partial + tl.cast(k, tl.int64) * N * C + at, mask=ok, other=0.0)
     if HAS_BIAS:
         f += tl.load(bias + cols, mask=cols < C, other=0.0).to(f.dtype)[None, :]
     if WRITE_LOGITS:
