@@ -10,6 +10,7 @@ Peak extra memory is what a step allocates on top of what already exists when it
   anything large. Because it also turns every later allocation into fresh page faults, which
   slows timings, bench/run.py measures CPU memory in a process of its own.
 """
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -132,6 +133,53 @@ def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, w
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
+
+
+def host_us(device, step, steps, repeats):
+    """Median, 20th and 80th percentile host time per step in microseconds, over `repeats` runs of
+    `steps` steps issued back to back (the GPU, if any, drains between runs)."""
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) * 1e6 / steps)
+    synchronize(device)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+class NoLaunch:
+    """Stands in for launcher(kernel)[grid]: counts launches, runs nothing."""
+
+    launches = 0
+
+    def __init__(self, kernel):
+        pass
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            NoLaunch.launches += 1
+        return launch
+
+
+@contextlib.contextmanager
+def triton_launches_through(launcher):
+    """The Triton kernels' launch sites call `launcher(kernel)[grid](...)` while inside (NoLaunch:
+    nothing is launched)."""
+    from ncrl_kernels.triton_kernels.backend import LAUNCHING_MODULES as modules
+
+    launchers = [module.launcher for module in modules]
+    for module in modules:
+        module.launcher = launcher
+    try:
+        yield
+    finally:
+        for module, previous in zip(modules, launchers):
+            module.launcher = previous
 
 
 def append_rows(rows, device, results_dir=RESULTS_DIR, suffix="", columns=CSV_COLUMNS):

@@ -12,8 +12,10 @@ Each backend family is called three ways, same arguments, same kernels:
 
 On a GPU the kernels launch for real at N=1024 (less GPU work than host work, so the loop, which
 does not wait for the GPU, measures the host), and the Triton family's ``function`` path is timed
-once more with its launches replaced by no-ops (``stubbed``): the difference is what Triton's
-launcher costs that host for a step's launches. On a CPU, the Triton family runs with its launches
+twice more: with its launches replaced by no-ops (``stubbed``; the difference is what launching
+costs that host for a step's launches) and with every launch through Triton's ``JITFunction.run``
+(``jit_run``) instead of the backend's ``LeanLaunch`` (the difference is what LeanLaunch saves;
+bench/launch_overhead.py measures both without a GPU). On a CPU, the Triton family runs with its launches
 replaced by no-ops (under TRITON_INTERPRET=1, which this script sets; wrap_triton's tracing path,
 which eager launches skip on a GPU too, is never taken there: test_eager_calls_launch_directly
 checks the GPU route) and the C++ family runs its kernels at a tiny shape; the host path does
@@ -26,9 +28,7 @@ Rows go to bench/results/<device>-host-path.csv.
 import argparse
 import contextlib
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -45,35 +45,6 @@ from ncrl_kernels import _dispatch  # noqa: E402
 COLUMNS = ["family", "path", "dtype", "n_pairs", "emb", "block", "classes", "host_us_p50", "host_us_p20",
            "host_us_p80", "launches", "device", "commit", "timestamp"]
 PATHS = ("api", "function", "operator")
-
-
-class NoLaunch:
-    """Stands in for launcher(kernel)[grid] on the CPU: counts launches, runs nothing."""
-
-    launches = 0
-
-    def __init__(self, kernel):
-        pass
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            NoLaunch.launches += 1
-        return launch
-
-
-@contextlib.contextmanager
-def stubbed_triton_launches():
-    """The Triton kernels' launch sites call NoLaunch instead of Triton while inside."""
-    from ncrl_kernels.triton_kernels.backend import LAUNCHING_MODULES as modules
-
-    launchers = [module.launcher for module in modules]
-    for module in modules:
-        module.launcher = NoLaunch
-    try:
-        yield
-    finally:
-        for module, launcher in zip(modules, launchers):
-            module.launcher = launcher
 
 
 def family_of(backend):
@@ -102,23 +73,6 @@ def make_step(backend, path, inputs, block, extra):
     return step
 
 
-def host_us(step, steps, repeats):
-    """Median, 20th and 80th percentile host time per step in microseconds, over `repeats` runs of
-    `steps` steps issued back to back (the GPU, if any, drains between runs)."""
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        harness.synchronize(DEVICE)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) * 1e6 / steps)
-    harness.synchronize(DEVICE)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
-
-
 def cases():
     """(family, backend, dtype, shape) measured on this device."""
     if DEVICE.type == "cuda":  # the C++/CUDA ops are the "extension" family on either device
@@ -141,14 +95,16 @@ def main(argv=None):
     p.add_argument("--results", default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    with stubbed_triton_launches() if DEVICE.type == "cpu" else contextlib.nullcontext():
+    with harness.triton_launches_through(harness.NoLaunch) if DEVICE.type == "cpu" else contextlib.nullcontext():
         measure(args)
 
 
 def paths(family):
-    """(path, stubbed) pairs timed for `family` on this device."""
-    stubbed_too = [("stubbed", True)] if DEVICE.type == "cuda" and family == "triton" else []
-    return [(path, False) for path in PATHS] + stubbed_too
+    """(path, launcher) pairs timed for `family` on this device: the path's launches go through
+    `launcher` (None: the backend's own)."""
+    if DEVICE.type == "cuda" and family == "triton":
+        return [(path, None) for path in PATHS] + [("stubbed", harness.NoLaunch), ("jit_run", lambda kernel: kernel)]
+    return [(path, None) for path in PATHS]
 
 
 def measure(args):
@@ -163,13 +119,15 @@ def measure(args):
         labels = torch.zeros(n, classes, device=DEVICE)
         labels[:, 0] = 1
         extra = (ncrl_kernels.triton_kernels.backend.precision_for(dtype),) if family == "triton" else ()
-        for path, stubbed in paths(family):
-            step = make_step(backend, "function" if stubbed else path, (hs, ts, weight, bias, labels), block, extra)
-            with stubbed_triton_launches() if stubbed else contextlib.nullcontext():
-                p50, p20, p80 = host_us(step, args.steps, args.repeats)
-                NoLaunch.launches = 0
+        for path, launcher in paths(family):
+            step = make_step(backend, path if path in PATHS else "function", (hs, ts, weight, bias, labels), block,
+                             extra)
+            with harness.triton_launches_through(launcher) if launcher else contextlib.nullcontext():
+                p50, p20, p80 = harness.host_us(DEVICE, step, args.steps, args.repeats)
+                harness.NoLaunch.launches = 0
                 step()
-            launches = NoLaunch.launches if family == "triton" and (stubbed or DEVICE.type == "cpu") else ""
+            stubbed = launcher is harness.NoLaunch or (family == "triton" and DEVICE.type == "cpu")
+            launches = harness.NoLaunch.launches if stubbed else ""
             dtype_name = str(dtype).removeprefix("torch.")
             print(f"{family:<10} {path:<9} {dtype_name:<9} {n:>5}  {f'{p50:.0f} ({p20:.0f}-{p80:.0f})':>24}  {launches:>8}")
             rows.append(dict(family=family, path=path, dtype=dtype_name, n_pairs=n, emb=emb, block=block,

@@ -26,8 +26,8 @@ import roofline  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
-from ncrl_kernels.triton_kernels._common import (  # noqa: E402
-    LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles, direct_launches)
+from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles  # noqa: E402
+from ncrl_kernels.triton_kernels._launch import direct_launches  # noqa: E402
 
 # Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
 KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}

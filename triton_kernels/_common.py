@@ -7,8 +7,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
-from torch.library import wrap_triton
 
 from .._dispatch import TRITON_INTERPRET, cuda_capability, cuda_index, major_minor
 
@@ -24,25 +22,6 @@ NCRL = tl.constexpr(1)
 ATL = tl.constexpr(2)
 BCE = tl.constexpr(3)
 LOSS_CODES = {"ncrl": 1, "atl": 2, "bce": 3}
-
-
-def direct_launches():
-    """A context in which ``launcher(kernel)[grid](...)`` launches the kernel straight through
-    Triton, as a ``triton_op``'s own eager kernel does. Outside one, every launch goes through
-    wrap_triton's higher-order op, there for tracing: about 150 us of Python per launch on this
-    project's 2-core CPU (a step's four launches of compiled kernels whose run does nothing: 787 us
-    against 193 us direct, docs/triton.md), about 0.2 ms on the H200 machine's host
-    (bench/kernels.py, first GPU run)."""
-    return set_wrap_triton_enabled(False)
-
-
-def launcher(kernel):
-    """What the launch sites index with the grid: ``wrap_triton(kernel)`` where wrap_triton is on
-    (an operator being traced, or outside ``direct_launches``), else the kernel itself, as
-    wrap_triton would return it; its own checks cost about 2.4 us per launch on this project's CPU.
-    Interpreted kernels (TRITON_INTERPRET=1), which wrap_triton cannot trace, launch as they are:
-    torch 2.13's wrap_triton returns them unchanged, 2.11's raises."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() and not TRITON_INTERPRET else kernel
 
 
 # Host-side arithmetic for launches in plain Python: triton.cdiv and triton.next_power_of_2 are

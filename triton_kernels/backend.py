@@ -36,7 +36,8 @@ from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import loss_dtype, reduce_pairs
 from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
-from ._common import LOSS_CODES, direct_launches, precision_for
+from ._common import LOSS_CODES, precision_for
+from ._launch import direct_launches
 from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
                             weight_grad_operands)
 from .head_forward import launch_head_forward

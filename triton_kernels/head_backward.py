@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_VERSION, Tiles, cdiv, launcher, mma, padded, pick_tiles
+from ._common import TRITON_VERSION, Tiles, cdiv, mma, padded, pick_tiles
+from ._launch import launcher
 from .head_forward import head_constants, rows_of, weight_rows_at
 
 

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_INTERPRET, Tiles, cdiv, launcher, mma, padded, pick_tiles, rows_per_step, sm_count
+from ._common import TRITON_INTERPRET, Tiles, cdiv, mma, padded, pick_tiles, rows_per_step, sm_count
+from ._launch import launcher
 
 
 @triton.jit

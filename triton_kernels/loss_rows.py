@@ -9,7 +9,8 @@ d(loss)/d(logits) identically.
 import triton
 import triton.language as tl
 
-from ._common import ATL, BCE, HEAD_ONLY, NCRL, cdiv, launcher, padded
+from ._common import ATL, BCE, HEAD_ONLY, NCRL, cdiv, padded
+from ._launch import launcher
 
 
 @triton.jit
