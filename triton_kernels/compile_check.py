@@ -38,7 +38,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import head_backward, head_forward, loss_rows
-from ._common import IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step, table_key
+from ._common import COMPILE_OPTIONS, IEEE, LOSS_CODES, TF32, TF32X3, padded, rows_per_step, table_key
 
 # Benchmark dtypes: (torch dtype, pointer type, precision). "fp32" is fp32 inputs at PyTorch's
 # default precision ("highest", run as 3xTF32), "tf32" with TF32 allowed.
@@ -107,7 +107,8 @@ def compile_variant(kernel, pointers, constexprs, num_warps, num_stages, target)
         if signature[name].startswith("*") or name.endswith("_stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=target,
+                          options={"num_warps": num_warps, "num_stages": num_stages, **COMPILE_OPTIONS})
 
 
 def resource_usage(cubin):

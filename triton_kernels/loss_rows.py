@@ -9,7 +9,7 @@ d(loss)/d(logits) identically.
 import triton
 import triton.language as tl
 
-from ._common import ATL, BCE, HEAD_ONLY, NCRL, cdiv, padded
+from ._common import ATL, BCE, COMPILE_OPTIONS, HEAD_ONLY, NCRL, cdiv, padded
 from ._launch import launcher
 
 
@@ -164,5 +164,5 @@ def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_los
         partial, split, bias, labels, logits, dlogits, row_loss, n,
         C=classes, HAS_BIAS=bias is not None, WRITE_LOGITS=logits is not None,
         LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes), BLOCK_N=EPILOGUE_ROWS,
-        num_warps=4,
+        num_warps=4, **COMPILE_OPTIONS,
     )
