@@ -16,6 +16,7 @@ dispatcher checks against the GPU (ncrl_kernels/_dispatch.py).
 import glob
 import os
 
+import setuptools
 from setuptools import setup
 
 try:
@@ -97,7 +98,17 @@ class BuildAndRecordTorch(BuildExtension):
                     f"TORCH_VERSION = {torch.__version__!r}\nCUDA_ARCHS = {cuda_archs!r}\n")
 
 
+def license_metadata():
+    """MIT, as a PEP 639 license expression where setuptools takes one (77 and newer, which warn that
+    the older `license = {text = ...}` table stops working after 2027-02-18), else as the plain
+    text field (the 70.1 that pyproject.toml allows, and the GPU machine's, whose version is not
+    known here)."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
+
+
 setup(
+    **license_metadata(),
     packages=["ncrl_kernels", "ncrl_kernels.triton_kernels"],
     package_dir={"ncrl_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
