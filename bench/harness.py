@@ -131,25 +131,33 @@ def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, w
         spent += elapsed
     if len(times) == 1:
         return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+    return spread(times)
+
+
+def spread(values):
+    """Median, 20th and 80th percentile of `values` (at least two)."""
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def batch_us(device, step, steps):
+    """Host time per step in microseconds of `steps` steps issued back to back (the GPU, if any,
+    drained before)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) * 1e6 / steps
 
 
 def host_us(device, step, steps, repeats):
     """Median, 20th and 80th percentile host time per step in microseconds, over `repeats` runs of
-    `steps` steps issued back to back (the GPU, if any, drains between runs)."""
+    `steps` steps issued back to back."""
     for _ in range(3):
         step()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) * 1e6 / steps)
+    times = [batch_us(device, step, steps) for _ in range(repeats)]
     synchronize(device)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+    return spread(times)
 
 
 class NoLaunch:

@@ -4,11 +4,13 @@ sm_90 as on an H100/H200 (Triton's driver is replaced by a pretend one), and the
 kernels' C launcher, the one piece that needs a GPU, by a recorder that runs nothing.
 
 Checks first that ``_launch.LeanLaunch`` calls the C launcher with the arguments that Triton's
-``JITFunction.run`` passes it for the same launch (grid, stream, kernel handle, metadata, hooks,
-every argument; not the launch metadata, which only launch hooks read and LeanLaunch leaves to
-JITFunction.run while one is set), over a fused forward + backward in each dtype; exits 1 if not.
-Then times one bf16 fused forward + backward through the family's autograd.Function (as
-bench/host_path.py's ``function`` path) three ways:
+``JITFunction.run`` passes it for the same launch (grid, stream, the compiled kernel's handle,
+metadata, hooks, every argument by identity; not the launch metadata, which only launch hooks
+read and LeanLaunch leaves to JITFunction.run while one is set), and takes JITFunction.run for a
+key's first launch only: every launch of a fused forward + backward both ways, twice, in each
+dtype and a few special cases (``CHECK_CASES``); exits 1 if not. Then times one bf16 fused
+forward + backward through the family's autograd.Function (as bench/host_path.py's ``function``
+path) three ways, interleaved:
 
 - ``stubbed``: the launch sites call nothing (bench/host_path.py's CPU rows);
 - ``jit_run``: every launch through ``JITFunction.run`` (what the backend did before LeanLaunch);
@@ -23,7 +25,9 @@ this host; a GPU adds the C launcher's own time to both launch paths (bench/host
 Rows go to bench/results/<device>-launch.csv.
 """
 import argparse
+import contextlib
 import os
+import statistics
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels: before triton is imported
@@ -33,6 +37,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -60,19 +65,19 @@ class PretendDriver:
         return TARGET
 
 
-CALLS = []  # what the C launcher was called with, while recording (calls_of)
-RECORDING = [False]
+CALLS = None  # what the C launcher was called with, while recording (a list)
+LAUNCH_METADATA = 6  # its position in a C launcher call: only launch hooks read it
 
 
 def record_launch(*args):
-    if RECORDING[0]:
+    if CALLS is not None:
         CALLS.append(args)
 
 
 def load_nothing(kernel):
-    """CompiledKernel._init_handles without a GPU: a handle that names the kernel, the recorder
-    as its C launcher."""
-    kernel.module, kernel.function, kernel._run = object(), f"handle of {kernel.name}", record_launch
+    """CompiledKernel._init_handles without a GPU: a handle unique to the compiled kernel (its
+    hash), the recorder as its C launcher."""
+    kernel.module, kernel.function, kernel._run = object(), f"{kernel.name} {kernel.hash}", record_launch
 
 
 def pretend_gpu():
@@ -84,11 +89,13 @@ def pretend_gpu():
     _common.multiprocessors = lambda index: 132
 
 
-def fused_step(dtype, n=64, emb=768, block=64, classes=97):
-    """A fused NCRL forward + backward through the family's autograd.Function, on CPU tensors."""
-    hs, ts = (torch.randn(n, emb, dtype=dtype, requires_grad=True) for _ in range(2))
+def fused_step(dtype, n=64, emb=768, block=64, classes=97, bias=True, aligned=True):
+    """A fused NCRL forward + backward through the family's autograd.Function, on CPU tensors; hs
+    16-byte aligned or not (a view one element into its storage)."""
+    hs, ts = (torch.randn(n * emb + 1, dtype=dtype)[1 - aligned:][:n * emb].view(n, emb).requires_grad_()
+              for _ in range(2))
     weight = torch.randn(classes, emb * block, dtype=dtype).mul_(0.01).requires_grad_()
-    bias = torch.zeros(classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True) if bias else None
     labels = torch.zeros(n, classes)
     labels[:, 0] = 1
     fused = backend._FAMILY.functions["fused_forward"]
@@ -96,54 +103,97 @@ def fused_step(dtype, n=64, emb=768, block=64, classes=97):
 
     def step():
         for x in (hs, ts, weight, bias):
-            x.grad = None
+            if x is not None:
+                x.grad = None
         fused.apply(*args)[0].backward()
     return step, (n, emb, block, classes)
 
 
-def comparable(call):
-    """A C launcher call without its launch metadata (position 6), tensors by layout."""
-    return [(a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
-            for i, a in enumerate(call) if i != 6]
+class BothRoutes:
+    """A launcher for the check: each launch goes through JITFunction.run, then through the
+    kernel's LeanLaunch, each into the recorder; `mismatches` counts launches where the two
+    recorded calls differ (every argument by identity, but the launch metadata), `jit_runs` the
+    LeanLaunches that took JITFunction.run (each key's first)."""
+
+    mismatches = launches = jit_runs = 0
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **constants):
+            global CALLS
+            CALLS = []
+            self.kernel[grid](*args, **constants)
+            (expected,), CALLS = CALLS, []
+            with counting_jit_runs() as jit_runs:
+                _launch.launcher(self.kernel)[grid](*args, **constants)
+            (lean,), CALLS = CALLS, None
+            same = len(lean) == len(expected) and all(
+                i == LAUNCH_METADATA or (a is b if isinstance(a, torch.Tensor) else a == b)
+                for i, (a, b) in enumerate(zip(lean, expected)))
+            BothRoutes.launches += 1
+            BothRoutes.mismatches += not same
+            BothRoutes.jit_runs += jit_runs[0]
+        return launch
 
 
-def calls_of(step):
-    CALLS.clear()
-    RECORDING[0] = True
+@contextlib.contextmanager
+def counting_jit_runs():
+    """Counts the calls of JITFunction.run while inside."""
+    count, run = [0], JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return run(self, *args, **kwargs)
+    JITFunction.run = counted
     try:
-        step()
+        yield count
     finally:
-        RECORDING[0] = False
-    return [comparable(call) for call in CALLS]
+        JITFunction.run = run
+
+
+CHECK_CASES = [dict(dtype=dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] + [
+    dict(dtype=torch.bfloat16, bias=False), dict(dtype=torch.bfloat16, aligned=False), dict(dtype=torch.float32, n=1)]
 
 
 def check():
-    """Whether LeanLaunch and JITFunction.run call the C launcher alike, in every dtype."""
-    same = True
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        step, _ = fused_step(dtype)
-        with harness.triton_launches_through(lambda kernel: kernel):
-            expected = calls_of(step)
-        calls_of(step)  # each config's first LeanLaunch goes through JITFunction.run
-        lean = calls_of(step)
-        ok = len(expected) == 4 and lean == expected
-        same &= ok
-        print(f"{str(dtype).removeprefix('torch.'):<9} {len(expected)} launches: "
-              f"{'LeanLaunch passes the same arguments' if ok else 'DIFFERENT ARGUMENTS'}")
-    return same
+    """Whether LeanLaunch calls the C launcher as JITFunction.run does, and takes JITFunction.run
+    for a key's first launch only: each case's step twice, every launch both ways."""
+    ok = True
+    for case in CHECK_CASES:
+        step, _ = fused_step(**case)
+        BothRoutes.mismatches = BothRoutes.launches = BothRoutes.jit_runs = 0
+        with harness.triton_launches_through(BothRoutes):
+            step()
+            first_jit_runs = BothRoutes.jit_runs
+            step()
+        fast = BothRoutes.launches - BothRoutes.jit_runs
+        good = BothRoutes.mismatches == 0 and BothRoutes.launches == 8 and BothRoutes.jit_runs == first_jit_runs
+        ok &= good
+        name = ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in case.items())
+        print(f"{name:<34} {BothRoutes.launches} launches, {fast} through LeanLaunch's fast path: "
+              f"{'LeanLaunch passes the same arguments' if good else f'{BothRoutes.mismatches} DIFFERENT'}")
+    return ok
 
 
 def measure(args):
+    """Host time per step of each route, the routes interleaved (one batch of steps each per
+    round, `repeats` rounds), so that drift of this noisy machine hits them alike."""
     step, (n, emb, block, classes) = fused_step(torch.bfloat16)
     routes = {"stubbed": harness.NoLaunch, "jit_run": lambda kernel: kernel, "lean": _launch.launcher}
-    times = {}
-    for name, launcher in routes.items():
-        with harness.triton_launches_through(launcher):
-            times[name] = harness.host_us(DEVICE, step, args.steps, args.repeats)
+    times = {name: [] for name in routes}
+    for round_ in range(args.repeats + 1):
+        for name, launcher in routes.items():
+            with harness.triton_launches_through(launcher):
+                elapsed = harness.batch_us(DEVICE, step, args.steps)
+            if round_:  # the first round warms up
+                times[name].append(elapsed)
     commit, stamp = harness.git_commit(), harness.timestamp()
     rows = []
-    for name, (p50, p20, p80) in times.items():
-        per_launch = "" if name == "stubbed" else round((p50 - times["stubbed"][0]) / 4, 1)
+    for name, values in times.items():
+        p50, p20, p80 = harness.spread(values)
+        per_launch = "" if name == "stubbed" else round((p50 - statistics.median(times["stubbed"])) / 4, 1)
         print(f"{name:<8} {p50:6.0f} us/step ({p20:.0f}-{p80:.0f})  {per_launch} us per launch over stubbed")
         rows.append(dict(launch=name, dtype="bfloat16", n_pairs=n, emb=emb, block=block, classes=classes,
                          host_us_p50=round(p50, 1), host_us_p20=round(p20, 1), host_us_p80=round(p80, 1),

@@ -3,6 +3,7 @@ the shape and the GPU, never by timing), the fp32 matmul precision, and the one 
 (``mma``)."""
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -47,11 +48,13 @@ def rows_per_step(block_size, wanted):
     return rows
 
 
-# Compile options every launch passes. FP fusion (a*b + c as one FMA) is what every supported
-# Triton (3.6-3.9) does by default and what the GPU runs measured; Triton 3.9 warns that its
-# default turns to off in 3.10, so it is asked for explicitly: the kernels' numerics do not
-# change with the Triton release (TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off).
-COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+# Compile options every direct launch passes. FP fusion (a*b + c as one FMA) is what Triton 3.6 to
+# 3.9 do by default and what the GPU runs measured. Triton 3.9 warns (once per process) that its
+# default turns to off in 3.10, which would change the kernels' numerics with the release, so it
+# is asked for explicitly, unless the user chose a default (TRITON_DEFAULT_FP_FUSION);
+# TRITON_FORCE_DISABLE_FP_FUSION (3.9) still turns it off. Under torch.compile, Inductor compiles
+# the kernels with options of its own and drops this one (torch 2.13's source; not run on a GPU).
+COMPILE_OPTIONS = {} if "TRITON_DEFAULT_FP_FUSION" in os.environ else dict(enable_fp_fusion=True)
 
 
 @dataclasses.dataclass(frozen=True)

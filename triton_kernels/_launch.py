@@ -9,11 +9,11 @@ Three routes, the cheapest that is correct:
   Inductor sees the kernels; outside ``direct_launches`` eager launches would take it too, at
   about 150 us of Python per launch on this project's 2-core CPU;
 - the kernel itself (``JITFunction.run``) under the interpreter (TRITON_INTERPRET=1), which
-  wrap_triton cannot trace, and for a config's first launch;
+  wrap_triton cannot trace, and for a config's first launch or while a hook is set;
 - ``LeanLaunch`` for every other launch on a GPU: the compiled kernel, cached on what Triton
-  specialises it on, straight to its C launcher. ``JITFunction.run`` re-derives a launch's
-  specialisation, options and cache key on every call: 10-19 us per launch of these kernels on
-  this project's CPU (Triton 3.6, `bench/launch_overhead.py`), against about 3 for LeanLaunch.
+  compiles it for, straight to its C launcher. ``JITFunction.run`` re-derives a launch's
+  specialisation, options and cache key on every call, which costs this project's CPU about
+  twice as much per launch as LeanLaunch (`bench/launch_overhead.py`, docs/triton.md).
 """
 import functools
 
@@ -49,30 +49,40 @@ def launcher(kernel):
         return kernel
     if is_wrap_triton_enabled():
         return wrap_triton(kernel)
-    return lean_launch(kernel)
+    lean = _LEAN.get(id(kernel))
+    if lean is None:
+        lean = _LEAN[id(kernel)] = LeanLaunch(kernel)  # holds the kernel: its id stays its own
+    return lean
 
 
-@functools.lru_cache(maxsize=None)
-def lean_launch(kernel):
-    return LeanLaunch(kernel)
+_LEAN = {}  # id(kernel) -> its LeanLaunch (a dict on ids: hashing a JITFunction takes a lock)
 
 
-def launch_hooks_idle():
-    """Whether no launch hook is set (a profiler such as Proton sets them; they are given launch
-    metadata, which LeanLaunch does not build). Triton 3.6 keeps them as (empty) HookChains."""
-    return all(hook is None or not getattr(hook, "calls", True)
-               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+def triton_settings():
+    """What JITFunction.run adds to a launch's options or cache key from Triton's settings, None
+    where a launch must take JITFunction.run: while a launch hook (a profiler such as Proton; they
+    read launch metadata, which LeanLaunch does not build) or a compiler-stage hook is set. Triton
+    3.6 to 3.9 keep the launch hooks as HookChains, empty unless set."""
+    runtime, compilation = knobs.runtime, knobs.compilation
+    if (runtime.add_stages_inspection_hook is not None
+            or not all(hook is None or not getattr(hook, "calls", True)
+                       for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))):
+        return None
+    return (runtime.debug, compilation.instrumentation_mode, getattr(compilation, "fpsan_homomorphic_casts", None))
 
 
 class LeanLaunch:
-    """``kernel[grid](*args, **constants)``, with the compiled kernel looked up on a key that holds
-    everything Triton specialises it on: the device, each positional argument's specialisation by
-    Triton's own rule (dtype and 16-byte alignment of a tensor, the integer type and, unless the
-    kernel says not to, divisibility of an int; None), the constexprs and the options. The first
-    launch of each key, and any launch while a launch hook is set, goes through ``JITFunction.run``,
-    which compiles or finds the kernel; later ones call the compiled kernel's C launcher with the
-    arguments ``JITFunction.run`` would pass it (`bench/launch_overhead.py` checks that they are
-    the same). Not seen: a change of TRITON_DEBUG or of the kernel's source within a process."""
+    """``kernel[grid](*args, **constants)`` for a grid of up to three ints, the runtime arguments
+    positional, the constexprs and options by keyword, with the compiled kernel looked up on a key
+    that holds everything Triton 3.6 to 3.9 compile it for: the device, each positional argument's
+    specialisation by Triton's own rule (dtype and 16-byte alignment of a tensor, the integer type
+    and, unless the kernel says not to, divisibility of an int; None), the constexprs and options
+    (compared with ==, as Triton's own in-process cache does) and the settings JITFunction.run
+    reads (``triton_settings``). A key's first launch, and any launch while a hook is set, goes
+    through ``JITFunction.run``, which compiles or finds the kernel; later ones call the compiled
+    kernel's C launcher with the arguments ``JITFunction.run`` would pass it
+    (`bench/launch_overhead.py` checks that they are the same). Unlike JITFunction.run, it does
+    not check that the globals a kernel reads are unchanged since it was compiled."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -82,13 +92,16 @@ class LeanLaunch:
         self.compiled = {}  # key -> (compiled kernel, the constexprs in signature order)
 
     def __getitem__(self, grid):
+        if callable(grid):  # evaluated on the bound arguments: JITFunction.run's job
+            return self.kernel[grid]
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **constants):
         device = driver.active.get_current_device()
-        key = self.key(device, args, constants)
+        settings = triton_settings()
+        key = self.key(device, settings, args, constants)
         entry = self.compiled.get(key)
-        if entry is None or not launch_hooks_idle():
+        if entry is None or self.kernel.pre_run_hooks:
             compiled = self.kernel[grid](*args, **constants)
             if key is not None:
                 self.remember(key, compiled, len(args), constants)
@@ -98,22 +111,23 @@ class LeanLaunch:
                      driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
                      knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args, *constexprs)
 
-    def key(self, device, args, constants):
-        """The cache key of a launch, None where LeanLaunch does not apply (another Triton)."""
-        if native_specialize_impl is None:
+    def key(self, device, settings, args, constants):
+        """The cache key of a launch, None where it must take JITFunction.run (a hook is set, or
+        another Triton)."""
+        if settings is None or native_specialize_impl is None:
             return None
         backend = self.kernel.device_caches[device][3]
-        return (device, tuple(constants.items()),
+        return (device, settings, tuple(constants.items()),
                 *(native_specialize_impl(backend, arg, *flags) for arg, flags in zip(args, self.flags)))
 
     def remember(self, key, compiled, positional, constants):
         """Keep `compiled` for `key` if the C launcher can be called as JITFunction.run calls it:
-        the positional arguments come first in the signature, the constexprs after them, no
-        argument is left to a default, the kernel has no pre-run hook and is compiled (not a
-        future of Triton's asynchronous compilation)."""
-        names = self.kernel.arg_names
-        if (self.kernel.pre_run_hooks or not hasattr(compiled, "packed_metadata")
-                or any(param.annotation_type for param in self.kernel.params[:positional])
-                or any(name not in constants for name in names[positional:])):
+        a compiled kernel came back (a compile hook may return None), the positional arguments are
+        the signature's first ones and none of them is a constexpr (specialised on its value, which
+        the key does not hold), the constexprs follow them, and no argument is left to a default."""
+        params = self.kernel.params
+        if (not hasattr(compiled, "packed_metadata")
+                or any(param.is_constexpr or param.annotation_type for param in params[:positional])
+                or any(param.name not in constants for param in params[positional:])):
             return
-        self.compiled[key] = (compiled, tuple(constants[name] for name in names[positional:]))
+        self.compiled[key] = (compiled, tuple(constants[param.name] for param in params[positional:]))
