@@ -206,7 +206,7 @@ def measure(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--results", default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     torch.manual_seed(0)
