@@ -48,6 +48,7 @@ bench: install
 	$(VPY) bench/run.py
 	$(VPY) bench/plot.py
 	$(VPY) bench/host_path.py
+	$(VPY) bench/launch_overhead.py
 
 plot: install
 	$(VPY) bench/plot.py

@@ -7,10 +7,11 @@ Checks first that ``_launch.LeanLaunch`` calls the C launcher with the arguments
 ``JITFunction.run`` passes it for the same launch (grid, stream, the compiled kernel's handle,
 metadata, hooks, every argument by identity; not the launch metadata, which only launch hooks
 read and LeanLaunch leaves to JITFunction.run while one is set), and takes JITFunction.run for a
-key's first launch only: every launch of a fused forward + backward both ways, twice, in each
-dtype and a few special cases (``CHECK_CASES``); exits 1 if not. Then times one bf16 fused
-forward + backward through the family's autograd.Function (as bench/host_path.py's ``function``
-path) three ways, interleaved:
+key's first launch only: every launch of a forward + backward both ways, twice, fused in each
+dtype, and in a few other cases (``CHECK_CASES``: the head and the losses alone, symmetric, no
+bias, an unaligned input, one pair); exits 1 if not. Then times one bf16 fused forward + backward
+through the family's autograd.Function (as bench/host_path.py's ``function`` path) three ways,
+interleaved:
 
 - ``stubbed``: the launch sites call nothing (bench/host_path.py's CPU rows);
 - ``jit_run``: every launch through ``JITFunction.run`` (what the backend did before LeanLaunch);
@@ -89,23 +90,31 @@ def pretend_gpu():
     _common.multiprocessors = lambda index: 132
 
 
-def fused_step(dtype, n=64, emb=768, block=64, classes=97, bias=True, aligned=True):
-    """A fused NCRL forward + backward through the family's autograd.Function, on CPU tensors; hs
-    16-byte aligned or not (a view one element into its storage)."""
+def make_step(dtype, n=64, emb=768, block=64, classes=97, op="fused", symmetric=False, loss="ncrl",
+              reduction="mean", bias=True, aligned=True):
+    """A forward + backward of one of the family's autograd.Functions (`op`: "fused", "head" or
+    "loss") on CPU tensors; hs and ts 16-byte aligned or not (views one element into their
+    storage)."""
     hs, ts = (torch.randn(n * emb + 1, dtype=dtype)[1 - aligned:][:n * emb].view(n, emb).requires_grad_()
               for _ in range(2))
     weight = torch.randn(classes, emb * block, dtype=dtype).mul_(0.01).requires_grad_()
     bias = torch.zeros(classes, requires_grad=True) if bias else None
+    logits = torch.randn(n, classes, requires_grad=True)
     labels = torch.zeros(n, classes)
     labels[:, 0] = 1
-    fused = backend._FAMILY.functions["fused_forward"]
-    args = (hs, ts, weight, bias, labels, block, False, "ncrl", 0.0, True, "mean", _common.precision_for(dtype))
+    functions, precision = backend._FAMILY.functions, _common.precision_for(dtype)
+    calls = {
+        "fused": lambda: functions["fused_forward"].apply(hs, ts, weight, bias, labels, block, symmetric, loss, 0.0,
+                                                          True, reduction, precision)[0],
+        "head": lambda: functions["head_forward"].apply(hs, ts, weight, bias, block, symmetric, precision).float(),
+        "loss": lambda: functions["loss_forward"].apply(logits, labels, loss, 0.0, True, reduction)[0],
+    }
 
     def step():
-        for x in (hs, ts, weight, bias):
+        for x in (hs, ts, weight, bias, logits):
             if x is not None:
                 x.grad = None
-        fused.apply(*args)[0].backward()
+        calls[op]().sum().backward()
     return step, (n, emb, block, classes)
 
 
@@ -154,7 +163,9 @@ def counting_jit_runs():
 
 
 CHECK_CASES = [dict(dtype=dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] + [
-    dict(dtype=torch.bfloat16, bias=False), dict(dtype=torch.bfloat16, aligned=False), dict(dtype=torch.float32, n=1)]
+    dict(dtype=torch.bfloat16, bias=False), dict(dtype=torch.bfloat16, aligned=False), dict(dtype=torch.float32, n=1),
+    dict(dtype=torch.bfloat16, symmetric=True, loss="atl"), dict(dtype=torch.float32, op="head", symmetric=True),
+    dict(dtype=torch.float32, op="loss", loss="bce", reduction="none")]
 
 
 def check():
@@ -162,17 +173,18 @@ def check():
     for a key's first launch only: each case's step twice, every launch both ways."""
     ok = True
     for case in CHECK_CASES:
-        step, _ = fused_step(**case)
+        step, _ = make_step(**case)
         BothRoutes.mismatches = BothRoutes.launches = BothRoutes.jit_runs = 0
         with harness.triton_launches_through(BothRoutes):
             step()
-            first_jit_runs = BothRoutes.jit_runs
+            first_launches, first_jit_runs = BothRoutes.launches, BothRoutes.jit_runs
             step()
         fast = BothRoutes.launches - BothRoutes.jit_runs
-        good = BothRoutes.mismatches == 0 and BothRoutes.launches == 8 and BothRoutes.jit_runs == first_jit_runs
+        good = (BothRoutes.mismatches == 0 and first_launches > 0 and BothRoutes.launches == 2 * first_launches
+                and BothRoutes.jit_runs == first_jit_runs)
         ok &= good
         name = ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in case.items())
-        print(f"{name:<34} {BothRoutes.launches} launches, {fast} through LeanLaunch's fast path: "
+        print(f"{name:<48} {BothRoutes.launches} launches, {fast} through LeanLaunch's fast path: "
               f"{'LeanLaunch passes the same arguments' if good else f'{BothRoutes.mismatches} DIFFERENT'}")
     return ok
 
@@ -180,7 +192,7 @@ def check():
 def measure(args):
     """Host time per step of each route, the routes interleaved (one batch of steps each per
     round, `repeats` rounds), so that drift of this noisy machine hits them alike."""
-    step, (n, emb, block, classes) = fused_step(torch.bfloat16)
+    step, (n, emb, block, classes) = make_step(torch.bfloat16)
     routes = {"stubbed": harness.NoLaunch, "jit_run": lambda kernel: kernel, "lean": _launch.launcher}
     times = {name: [] for name in routes}
     for round_ in range(args.repeats + 1):
