@@ -101,8 +101,8 @@ class BuildAndRecordTorch(BuildExtension):
 def license_metadata():
     """MIT, as a PEP 639 license expression where setuptools takes one (77 and newer, which warn that
     the older `license = {text = ...}` table stops working after 2027-02-18), else as the plain
-    text field (the 70.1 that pyproject.toml allows, and the GPU machine's, whose version is not
-    known here)."""
+    text field: torch 2.13 and 2.14 require setuptools >= 77.0.3, but the 70.1 that pyproject.toml
+    allows builds too (torch 2.11, on the GPU machine, whose setuptools is not known here)."""
     major = int(setuptools.__version__.split(".")[0])
     return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
 

@@ -9,7 +9,7 @@ metadata, hooks, every argument by identity; not the launch metadata, which only
 read and LeanLaunch leaves to JITFunction.run while one is set), and takes JITFunction.run for a
 key's first launch only: every launch of a forward + backward both ways, twice, fused in each
 dtype, and in a few other cases (``CHECK_CASES``: the head and the losses alone, symmetric, no
-bias, an unaligned input, one pair); exits 1 if not. Then times one bf16 fused forward + backward
+bias, an unaligned input; Triton's debug mode, a launch hook, another device); exits 1 if not. Then times one bf16 fused forward + backward
 through the family's autograd.Function (as bench/host_path.py's ``function`` path) three ways,
 interleaved:
 
@@ -35,6 +35,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels: before triton is i
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
@@ -53,11 +54,13 @@ STREAM = 7
 
 
 class PretendDriver:
-    """The part of Triton's active driver that JITFunction.run and LeanLaunch ask: device 0 of
-    TARGET, one stream."""
+    """The part of Triton's active driver that JITFunction.run and LeanLaunch ask: the current
+    device (0, or another while a check case says so), all TARGETs, one stream."""
+
+    device = 0
 
     def get_current_device(self):
-        return 0
+        return PretendDriver.device
 
     def get_current_stream(self, device):
         return STREAM
@@ -76,9 +79,9 @@ def record_launch(*args):
 
 
 def load_nothing(kernel):
-    """CompiledKernel._init_handles without a GPU: a handle unique to the compiled kernel (its
-    hash), the recorder as its C launcher."""
-    kernel.module, kernel.function, kernel._run = object(), f"{kernel.name} {kernel.hash}", record_launch
+    """CompiledKernel._init_handles without a GPU: a handle unique to the compiled kernel (each
+    device has its own), the recorder as its C launcher."""
+    kernel.module, kernel.function, kernel._run = object(), f"{kernel.name} {kernel.hash} {id(kernel)}", record_launch
 
 
 def pretend_gpu():
@@ -163,41 +166,71 @@ def counting_jit_runs():
 
 
 CHECK_CASES = [dict(dtype=dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] + [
-    dict(dtype=torch.bfloat16, bias=False), dict(dtype=torch.bfloat16, aligned=False), dict(dtype=torch.float32, n=1),
+    dict(dtype=torch.bfloat16, bias=False), dict(dtype=torch.bfloat16, aligned=False),
     dict(dtype=torch.bfloat16, symmetric=True, loss="atl"), dict(dtype=torch.float32, op="head", symmetric=True),
-    dict(dtype=torch.float32, op="loss", loss="bce", reduction="none")]
+    dict(dtype=torch.float32, op="loss", loss="bce", reduction="none"),
+    dict(dtype=torch.bfloat16, setting="debug"), dict(dtype=torch.bfloat16, setting="hook"),
+    dict(dtype=torch.bfloat16, setting="device 1")]
+
+
+@contextlib.contextmanager
+def triton_setting(setting):
+    """While inside: Triton's debug mode on ("debug"), a launch hook that does nothing set
+    ("hook"), or the pretend driver's device 1 current ("device 1"); nothing for None."""
+    runtime = knobs.runtime
+    previous = runtime.debug, PretendDriver.device
+
+    def hook(metadata):
+        pass
+    runtime.debug = setting == "debug"
+    PretendDriver.device = 1 if setting == "device 1" else 0
+    if setting == "hook":
+        runtime.launch_enter_hook.add(hook)
+    try:
+        yield
+    finally:
+        runtime.debug, PretendDriver.device = previous
+        runtime.launch_enter_hook.remove(hook)
 
 
 def check():
     """Whether LeanLaunch calls the C launcher as JITFunction.run does, and takes JITFunction.run
-    for a key's first launch only: each case's step twice, every launch both ways."""
+    for a key's first launch only (for every launch while a hook is set): each case's step twice,
+    every launch both ways."""
     ok = True
     for case in CHECK_CASES:
+        case = dict(case)
+        setting = case.pop("setting", None)
         step, _ = make_step(**case)
+        per_step = 1 if case.get("op") == "loss" else 4
         BothRoutes.mismatches = BothRoutes.launches = BothRoutes.jit_runs = 0
-        with harness.triton_launches_through(BothRoutes):
+        with harness.triton_launches_through(BothRoutes), triton_setting(setting):
             step()
-            first_launches, first_jit_runs = BothRoutes.launches, BothRoutes.jit_runs
+            first_jit_runs = BothRoutes.jit_runs
             step()
-        fast = BothRoutes.launches - BothRoutes.jit_runs
-        good = (BothRoutes.mismatches == 0 and first_launches > 0 and BothRoutes.launches == 2 * first_launches
-                and BothRoutes.jit_runs == first_jit_runs)
+        second_jit_runs = BothRoutes.jit_runs - first_jit_runs
+        good = (BothRoutes.mismatches == 0 and BothRoutes.launches == 2 * per_step
+                and second_jit_runs == (per_step if setting == "hook" else 0))
         ok &= good
         name = ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in case.items())
+        name += f", {setting}" if setting else ""
+        fast = BothRoutes.launches - BothRoutes.jit_runs
         print(f"{name:<48} {BothRoutes.launches} launches, {fast} through LeanLaunch's fast path: "
-              f"{'LeanLaunch passes the same arguments' if good else f'{BothRoutes.mismatches} DIFFERENT'}")
+              f"{'LeanLaunch passes the same arguments' if good else 'DIFFERENT or the wrong path'}")
     return ok
 
 
 def measure(args):
     """Host time per step of each route, the routes interleaved (one batch of steps each per
-    round, `repeats` rounds), so that drift of this noisy machine hits them alike."""
+    round, `repeats` rounds, each route first in turn), so that drift and order effects on this
+    noisy machine hit them alike."""
     step, (n, emb, block, classes) = make_step(torch.bfloat16)
     routes = {"stubbed": harness.NoLaunch, "jit_run": lambda kernel: kernel, "lean": _launch.launcher}
     times = {name: [] for name in routes}
+    order = list(routes)
     for round_ in range(args.repeats + 1):
-        for name, launcher in routes.items():
-            with harness.triton_launches_through(launcher):
+        for name in order[round_ % 3:] + order[:round_ % 3]:  # each route first in turn
+            with harness.triton_launches_through(routes[name]):
                 elapsed = harness.batch_us(DEVICE, step, args.steps)
             if round_:  # the first round warms up
                 times[name].append(elapsed)

@@ -270,17 +270,18 @@ def test_lean_launch_passes_what_triton_passes(tmp_path):
     """LeanLaunch, which launches every kernel on a GPU, calls each compiled kernel's C launcher
     with what Triton's JITFunction.run passes it for the same launch (grid, stream, the compiled
     kernel's handle, metadata, hooks, every argument by identity), and takes JITFunction.run for a
-    key's first launch only, over fused forwards + backwards in bf16, fp16, fp32 and fp64, without
-    a bias, with an unaligned input, with one pair, symmetric with ATL, and over the head and a
-    loss alone: bench/launch_overhead.py compiles the kernels for sm_90 under a pretend driver,
-    in a process of its own (without TRITON_INTERPRET), and records the calls instead of
+    key's first launch only (every launch while a launch hook is set), over fused forwards +
+    backwards in bf16, fp16, fp32 and fp64, without a bias, with an unaligned input, symmetric
+    with ATL, in Triton's debug mode, under a launch hook and on another device, and over the
+    head and a loss alone: bench/launch_overhead.py compiles the kernels for sm_90 under a pretend
+    driver, in a process of its own (without TRITON_INTERPRET), and records the calls instead of
     launching."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "launch_overhead.py")
     result = subprocess.run([sys.executable, "-W", "ignore", script, "--steps", "2", "--repeats", "2", "--results",
                              str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    assert result.stdout.count("LeanLaunch passes the same arguments") == 10  # launch_overhead.CHECK_CASES
+    assert result.stdout.count("LeanLaunch passes the same arguments") == 12  # launch_overhead.CHECK_CASES
     (path,) = tmp_path.glob("*-launch.csv")
     assert "lean" in path.read_text()
 

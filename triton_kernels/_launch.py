@@ -12,8 +12,8 @@ Three routes, the cheapest that is correct:
   wrap_triton cannot trace, and for a config's first launch or while a hook is set;
 - ``LeanLaunch`` for every other launch on a GPU: the compiled kernel, cached on what Triton
   compiles it for, straight to its C launcher. ``JITFunction.run`` re-derives a launch's
-  specialisation, options and cache key on every call, which costs this project's CPU about
-  twice as much per launch as LeanLaunch (`bench/launch_overhead.py`, docs/triton.md).
+  specialisation, options and cache key on every call, which costs this project's CPU 1.5-2x as
+  much per launch as LeanLaunch (`bench/launch_overhead.py`, docs/triton.md).
 """
 import functools
 
@@ -103,7 +103,7 @@ class LeanLaunch:
         entry = self.compiled.get(key)
         if entry is None or self.kernel.pre_run_hooks:
             compiled = self.kernel[grid](*args, **constants)
-            if key is not None:
+            if key is not None and triton_settings() == settings:  # not changed meanwhile (threads)
                 self.remember(key, compiled, len(args), constants)
             return
         compiled, constexprs = entry
@@ -122,12 +122,16 @@ class LeanLaunch:
 
     def remember(self, key, compiled, positional, constants):
         """Keep `compiled` for `key` if the C launcher can be called as JITFunction.run calls it:
-        a compiled kernel came back (a compile hook may return None), the positional arguments are
-        the signature's first ones and none of them is a constexpr (specialised on its value, which
-        the key does not hold), the constexprs follow them, and no argument is left to a default."""
+        a compiled kernel came back (a compile hook may return None; under Triton's asynchronous
+        compilation, the kernel a future resolved to), the positional arguments are the signature's
+        first ones and all runtime arguments (specialised by Triton's rule, which the key applies to
+        them), and the keyword ones are its constexprs, every one given (the key holds their
+        values)."""
+        if hasattr(compiled, "result"):  # a FutureKernel (Triton >= 3.7), already resolved by the launch
+            compiled = compiled.result()
         params = self.kernel.params
         if (not hasattr(compiled, "packed_metadata")
                 or any(param.is_constexpr or param.annotation_type for param in params[:positional])
-                or any(param.name not in constants for param in params[positional:])):
+                or not all(param.is_constexpr and param.name in constants for param in params[positional:])):
             return
         self.compiled[key] = (compiled, tuple(constants[param.name] for param in params[positional:]))
