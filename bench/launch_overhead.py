@@ -9,9 +9,9 @@ metadata, hooks, every argument by identity; not the launch metadata, which only
 read and LeanLaunch leaves to JITFunction.run while one is set), and takes JITFunction.run for a
 key's first launch only: every launch of a forward + backward both ways, twice, fused in each
 dtype, and in a few other cases (``CHECK_CASES``: the head and the losses alone, symmetric, no
-bias, an unaligned input; Triton's debug mode, a launch hook, another device); exits 1 if not. Then times one bf16 fused forward + backward
-through the family's autograd.Function (as bench/host_path.py's ``function`` path) three ways,
-interleaved:
+bias, an unaligned input; Triton's debug mode, a launch hook, another device); exits 1 if not.
+Then times one bf16 fused forward + backward through the family's autograd.Function (as
+bench/host_path.py's ``function`` path) three ways, interleaved:
 
 - ``stubbed``: the launch sites call nothing (bench/host_path.py's CPU rows);
 - ``jit_run``: every launch through ``JITFunction.run`` (what the backend did before LeanLaunch);

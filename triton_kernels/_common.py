@@ -51,7 +51,7 @@ def rows_per_step(block_size, wanted):
 # Compile options every direct launch passes. FP fusion (a*b + c as one FMA) is what Triton 3.6 to
 # 3.9 do by default and what the GPU runs measured. Triton 3.9 warns (once per process) that its
 # default turns to off in 3.10, which would change the kernels' numerics with the release, so it
-# is asked for explicitly, unless the user chose a default (TRITON_DEFAULT_FP_FUSION);
+# is asked for explicitly, unless the user chose a default (TRITON_DEFAULT_FP_FUSION, read here at import);
 # TRITON_FORCE_DISABLE_FP_FUSION (3.9) still turns it off. Under torch.compile, Inductor compiles
 # the kernels with options of its own and drops this one (torch 2.13's source; not run on a GPU).
 COMPILE_OPTIONS = {} if "TRITON_DEFAULT_FP_FUSION" in os.environ else dict(enable_fp_fusion=True)
