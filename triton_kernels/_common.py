@@ -48,7 +48,7 @@ def rows_per_step(block_size, wanted):
     return rows
 
 
-# Compile options every direct launch passes. FP fusion (a*b + c as one FMA) is what Triton 3.6 to
+# Compile options every launch passes. FP fusion (a*b + c as one FMA) is what Triton 3.6 to
 # 3.9 do by default and what the GPU runs measured. Triton 3.9 warns (once per process) that its
 # default turns to off in 3.10, which would change the kernels' numerics with the release, so it
 # is asked for explicitly, unless the user chose a default (TRITON_DEFAULT_FP_FUSION, read here at import);
