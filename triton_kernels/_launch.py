@@ -42,13 +42,16 @@ def direct_launches():
 
 def launcher(kernel):
     """What the launch sites index with the grid: ``wrap_triton(kernel)`` where wrap_triton is on
-    (an operator being traced, or outside ``direct_launches``), else the kernel's LeanLaunch.
-    Interpreted kernels (TRITON_INTERPRET=1), which wrap_triton cannot trace, launch as they are:
-    torch 2.13's wrap_triton returns them unchanged, 2.11's raises."""
+    (an operator being traced, or outside ``direct_launches``), else the kernel's LeanLaunch (the
+    kernel itself with a Triton that has no native_specialize_impl). Interpreted kernels
+    (TRITON_INTERPRET=1), which wrap_triton cannot trace, launch as they are: torch 2.13's
+    wrap_triton returns them unchanged, 2.11's raises."""
     if TRITON_INTERPRET:
         return kernel
     if is_wrap_triton_enabled():
         return wrap_triton(kernel)
+    if native_specialize_impl is None:
+        return kernel
     lean = _LEAN.get(id(kernel))
     if lean is None:
         lean = _LEAN[id(kernel)] = LeanLaunch(kernel)  # holds the kernel: its id stays its own
@@ -112,9 +115,8 @@ class LeanLaunch:
                      knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args, *constexprs)
 
     def key(self, device, settings, args, constants):
-        """The cache key of a launch, None where it must take JITFunction.run (a hook is set, or
-        another Triton)."""
-        if settings is None or native_specialize_impl is None:
+        """The cache key of a launch, None where it must take JITFunction.run (a hook is set)."""
+        if settings is None:
             return None
         backend = self.kernel.device_caches[device][3]
         return (device, settings, tuple(constants.items()),
