@@ -5,7 +5,9 @@
 # preinstalled; PYTHON=... to pick another), and:
 #   1. starts `pip install --no-build-isolation --no-deps -e .` in the background (the CUDA
 #      extension takes 1-2 minutes to compile; MAX_JOBS = half the cores and nice 19, so the
-#      host-bound benchmarks keep theirs) and meanwhile runs the Triton backend from the source tree:
+#      host-bound benchmarks keep theirs) and meanwhile runs the Triton backend from the source tree,
+#      first checking that its launches (LeanLaunch) give JITFunction.run's bits on this GPU (if
+#      not, the rest runs with NCRL_KERNELS_LEAN_LAUNCH=0):
 #   2. decisive: N=4096 forward + backward, bf16 autocast and fp32 with TF32 on both sides
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
 #      eager, compiled and gemm-bound, time and peak memory, rows appended case by case; then
@@ -127,6 +129,36 @@ wait_for_install() {
     fi
 }
 
+run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...: pytest's status (0 where it is missing)
+    local limit=$1 expected=$2 label=$3
+    shift 3
+    if ! "$PY" -c "import pytest" 2>/dev/null && [[ $DRY != 1 ]]; then
+        note "tests $label: SKIPPED, pytest is not installed on this machine (no internet to install it)"
+        return 0
+    fi
+    : >"$LOGS/tests-$label.log"
+    run_for "$limit" "$expected" "$LOGS/tests-$label.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "$@"
+    local status=$? result
+    result=$(grep -E "(passed|failed|error)" "$LOGS/tests-$label.log" | tail -n 1)
+    case $status in
+        0) note "tests $label: ${result:-passed}" ;;
+        124|130) note "tests $label: STOPPED at the time limit: ${result:-no summary}" ;;
+        *) note "tests $label: FAILED (status $status): ${result:-see $LOGS/tests-$label.log}" ;;
+    esac
+    return "$status"
+}
+
+phase "LeanLaunch against Triton's JITFunction.run on this GPU"
+# LeanLaunch, which launches the Triton kernels, calls Triton's compiled kernels through Triton
+# internals, checked here only with their C launcher stubbed out (bench/launch_overhead.py). Where
+# its results or its route differ from JITFunction.run's on this GPU, or the check fails or runs
+# out of time, every later phase launches through JITFunction.run instead.
+if ! from_source run_tests $(( $(left) - 440 )) 25 lean-launch -m gpu -k test_lean_launch_gives_jit_run_bits \
+        tests/test_triton.py; then
+    export NCRL_KERNELS_LEAN_LAUNCH=0
+    note "LeanLaunch: OFF for the rest of this check (NCRL_KERNELS_LEAN_LAUNCH=0), see $LOGS/tests-lean-launch.log"
+fi
+
 phase "decisive: N=4096 forward + backward, bf16 and TF32"
 BENCH=(bench/run.py --device cuda)
 DECISIVE=(--seconds 1 --n 4096 --modes fwd_bwd --providers fused-triton eager compiled gemm-bound)
@@ -143,25 +175,9 @@ from_source run_for $(( $(left) - 330 )) 10 "$LOGS/host-path.log" "$PY" bench/ho
 note "host time per step by call path (bench/host_path.py): status $? -> bench/results/$GPU-host-path.csv"
 
 phase "Triton GPU tests: tests/test_triton.py -m gpu"
-run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...
-    local limit=$1 expected=$2 label=$3
-    shift 3
-    if ! "$PY" -c "import pytest" 2>/dev/null && [[ $DRY != 1 ]]; then
-        note "tests $label: SKIPPED, pytest is not installed on this machine (no internet to install it)"
-        return
-    fi
-    : >"$LOGS/tests-$label.log"
-    run_for "$limit" "$expected" "$LOGS/tests-$label.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "$@"
-    local status=$? result
-    result=$(grep -E "(passed|failed|error)" "$LOGS/tests-$label.log" | tail -n 1)
-    case $status in
-        0) note "tests $label: ${result:-passed}" ;;
-        124|130) note "tests $label: STOPPED at the time limit: ${result:-no summary}" ;;
-        *) note "tests $label: FAILED (status $status): ${result:-see $LOGS/tests-$label.log}" ;;
-    esac
-}
 # Every candidate config last: about 20 kernel variants to compile, the least decisive.
-from_source run_tests $(( $(left) - 320 )) 45 triton -m gpu -k "not test_every_candidate_config" tests/test_triton.py
+from_source run_tests $(( $(left) - 320 )) 45 triton -m gpu \
+    -k "not test_every_candidate_config and not test_lean_launch_gives_jit_run_bits" tests/test_triton.py
 from_source run_tests $(( $(left) - 280 )) 20 triton-configs -m gpu -k test_every_candidate_config tests/test_triton.py
 
 phase "the other GPU tests and fused-cuda, with the installed package"

@@ -286,6 +286,21 @@ def test_lean_launch_passes_what_triton_passes(tmp_path):
     assert "lean" in path.read_text()
 
 
+def test_lean_launch_can_be_turned_off():
+    """NCRL_KERNELS_LEAN_LAUNCH=0 (read at import) sends every launch through the kernel itself,
+    JITFunction.run: the way out should a Triton release change the internals LeanLaunch relies on.
+    Checked in fresh processes without the interpreter, where launches would otherwise take
+    LeanLaunch."""
+    code = ("from ncrl_kernels.triton_kernels import _launch, head_forward as module\n"
+            "with _launch.direct_launches():\n"
+            "    print(type(_launch.launcher(module.head_forward_kernel)).__name__)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NCRL_KERNELS_LEAN_LAUNCH")}
+    routes = [subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=dict(env, **extra), check=True,
+                             capture_output=True, text=True, timeout=300).stdout.split()[-1]
+              for extra in ({}, {"NCRL_KERNELS_LEAN_LAUNCH": "0"})]
+    assert routes == ["LeanLaunch", "JITFunction"]
+
+
 # CUDA only.
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -442,3 +457,42 @@ def test_offsets_past_2_31():
     ]
     for name, a, e in zip(RESULT_NAMES, whole, joined):
         assert_close(a, e, torch.bfloat16, f"N={n} {name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype, symmetric", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-plain", "fp32-symmetric"])
+def test_lean_launch_gives_jit_run_bits(dtype, symmetric, monkeypatch):
+    """On the GPU, LeanLaunch (every launch after a config's first; it calls Triton's compiled
+    kernels through Triton internals, triton_kernels/_launch.py) gives the bits of launches through
+    Triton's own JITFunction.run, and takes no JITFunction.run once each config has launched.
+    make gpu-check runs this first and sets NCRL_KERNELS_LEAN_LAUNCH=0 for the rest if it fails."""
+    from triton.runtime.jit import JITFunction
+
+    from ncrl_kernels.triton_kernels import _launch
+
+    if not _launch.LEAN:
+        pytest.skip("LeanLaunch is off here (NCRL_KERNELS_LEAN_LAUNCH=0, or a Triton without native_specialize_impl)")
+    hs, ts, weight, bias, labels = docred_inputs(dtype, n=1024)
+
+    def step():
+        return run_fused("triton", *leaves(hs, ts, weight, bias), labels, block_size=DOCRED[2], symmetric=symmetric,
+                         gamma=0.05)
+
+    step()  # each config's first launch: JITFunction.run, which compiles
+    jit_runs, run = [], JITFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        jit_runs.append(self)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted_run)
+    lean = step()
+    assert not jit_runs, "LeanLaunch took JITFunction.run for a config that had launched"
+    for module in backend_module().LAUNCHING_MODULES:
+        monkeypatch.setattr(module, "launcher", lambda kernel: kernel)
+    jit = step()
+    assert len(jit_runs) == 4  # forward, epilogue, weight grad, input grad
+    for name, a, b in zip(RESULT_NAMES, lean, jit):
+        assert torch.equal(a, b), name

@@ -10,12 +10,14 @@ Three routes, the cheapest that is correct:
   about 150 us of Python per launch on this project's 2-core CPU;
 - the kernel itself (``JITFunction.run``) under the interpreter (TRITON_INTERPRET=1), which
   wrap_triton cannot trace, and for a config's first launch or while a hook is set;
-- ``LeanLaunch`` for every other launch on a GPU: the compiled kernel, cached on what Triton
-  compiles it for, straight to its C launcher. ``JITFunction.run`` re-derives a launch's
-  specialisation, options and cache key on every call, which costs this project's CPU 1.5-2x as
-  much per launch as LeanLaunch (`bench/launch_overhead.py`, docs/triton.md).
+- ``LeanLaunch`` for every other launch on a GPU (unless ``NCRL_KERNELS_LEAN_LAUNCH=0``): the
+  compiled kernel, cached on what Triton compiles it for, straight to its C launcher.
+  ``JITFunction.run`` re-derives a launch's specialisation, options and cache key on every call,
+  which costs this project's CPU 1.5-2x as much per launch as LeanLaunch
+  (`bench/launch_overhead.py`, docs/triton.md).
 """
 import functools
+import os
 
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
 from torch.library import wrap_triton
@@ -28,6 +30,12 @@ try:  # Triton's own rule for what a kernel is specialised on (3.6 to 3.9 at lea
     from triton._C.libtriton import native_specialize_impl
 except ImportError:  # another Triton: every launch takes JITFunction.run
     native_specialize_impl = None
+
+# Whether launches on a GPU take LeanLaunch. It relies on Triton internals (checked for 3.6 to 3.9),
+# so NCRL_KERNELS_LEAN_LAUNCH=0, read here at import, sends every launch through JITFunction.run
+# instead: the way out should a Triton release change them (make gpu-check sets it when
+# tests/test_triton.py::test_lean_launch_gives_jit_run_bits fails on the GPU).
+LEAN = native_specialize_impl is not None and os.environ.get("NCRL_KERNELS_LEAN_LAUNCH", "1") != "0"
 
 
 def direct_launches():
@@ -43,14 +51,14 @@ def direct_launches():
 def launcher(kernel):
     """What the launch sites index with the grid: ``wrap_triton(kernel)`` where wrap_triton is on
     (an operator being traced, or outside ``direct_launches``), else the kernel's LeanLaunch (the
-    kernel itself with a Triton that has no native_specialize_impl). Interpreted kernels
+    kernel itself where ``LEAN`` is false). Interpreted kernels
     (TRITON_INTERPRET=1), which wrap_triton cannot trace, launch as they are: torch 2.13's
     wrap_triton returns them unchanged, 2.11's raises."""
     if TRITON_INTERPRET:
         return kernel
     if is_wrap_triton_enabled():
         return wrap_triton(kernel)
-    if native_specialize_impl is None:
+    if not LEAN:
         return kernel
     lean = _LEAN.get(id(kernel))
     if lean is None:
