@@ -326,7 +326,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
             "--save_path", "ddp.pt"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "ncrl_kernels.train_docred", *argv], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                                                TMPDIR=str(tmp_path)))  # torchrun's log folders
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(line["epoch"], line["step"]) for line in lines] == [(1, 2), (2, 4)]
