@@ -34,6 +34,16 @@ def major_minor(version):
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
 
 
+# A ROCm build of PyTorch gives AMD GPUs the device type "cuda". Neither GPU backend is made for
+# them: setup.py builds the extension's CUDA kernels for CUDA torch only, and the Triton kernels'
+# configs are NVIDIA's, chosen by compute capability, which ROCm reports as e.g. 9.4 for an MI300
+# (Hopper's configs: up to 128 KB of shared memory, an MI300 has 64 KB), and fp32 at PyTorch's
+# default precision runs as 3xTF32, which Triton's AMD backend does not have (docs/triton.md,
+# "Which GPUs").
+ROCM = torch.version.hip is not None
+ROCM_REASON = ("this torch is a ROCm build (AMD GPU), and the {} kernels are made for NVIDIA GPUs only; "
+               "use 'reference' (docs/triton.md, 'Which GPUs')")
+
 # The Triton kernels' configs are built for compute capability 8.0 and newer: bf16 tensor cores,
 # and shared memory of at least an RTX 30xx's (compile_check checks sm_80, sm_86, sm_89, sm_90).
 TRITON_MIN_CAPABILITY = (8, 0)
@@ -122,6 +132,8 @@ def unavailable_reason(name, device):
             return f"'cuda' runs on CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+        if ROCM:
+            return ROCM_REASON.format("extension's CUDA")
         return _extension_reason("CUDA") or _cuda_arch_reason(device)
     # "triton". The device first: installing Triton would not make it run on these tensors.
     if kind != "cuda" and not (kind == "cpu" and TRITON_INTERPRET):
@@ -138,6 +150,8 @@ def unavailable_reason(name, device):
             return "TRITON_INTERPRET=1 is set: Triton runs interpreted, on CPU tensors only"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
+        if ROCM:
+            return ROCM_REASON.format("Triton")
         major, minor = cuda_capability(cuda_index(device))
         if (major, minor) < TRITON_MIN_CAPABILITY:
             return (

@@ -189,6 +189,28 @@ def test_triton_needs_compute_capability_8(monkeypatch):
     assert _dispatch.unavailable_reason("triton", torch.device("cuda:0")) is None
 
 
+def test_no_gpu_backend_on_rocm(monkeypatch):
+    """A ROCm torch (AMD GPUs, device type "cuda", an MI300 reporting compute capability 9.4) gets
+    neither GPU backend, each saying why, and "auto" runs the reference: the Triton kernels'
+    configs are NVIDIA's (Hopper's need more shared memory than an MI300 has) and Triton's AMD
+    backend has no 3xTF32, so the first call would fail."""
+    monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(_dispatch, "TRITON_IMPORT_ERROR", None)
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(_dispatch, "_IMPLEMENTATIONS", dict(_dispatch._IMPLEMENTATIONS, triton=object()))
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"CPU", "CUDA"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (9, 4))
+    assert ncrl_kernels.available_backends("cuda:0") == ["reference", "cuda", "triton"]  # as on an H100
+    monkeypatch.setattr(_dispatch, "ROCM", True)
+    for backend in ("cuda", "triton"):
+        reason = _dispatch.unavailable_reason(backend, torch.device("cuda:0"))
+        assert reason is not None and "ROCm" in reason and "'reference'" in reason, reason
+    assert ncrl_kernels.available_backends("cuda:0") == ["reference"]
+    assert _dispatch.resolve("auto", torch.device("cuda:0")) is _dispatch._IMPLEMENTATIONS["reference"]
+
+
 def test_cuda_backend_checks_the_built_architectures(monkeypatch):
     """The default build (TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX") has no code a T4 (7.5) can run: the
     'cuda' backend says so and how to rebuild, where its first launch would fail ("no kernel image
