@@ -286,6 +286,25 @@ def test_lean_launch_passes_what_triton_passes(tmp_path):
     assert "lean" in path.read_text()
 
 
+def test_compiled_graph_cache_keys_on_the_kernels():
+    """torch's cache of compiled graphs (AOTAutograd's) keys a graph on the source of the Triton
+    kernels that its operators launch, as torch.library.triton_op lists them: each operator lists
+    the package's kernels, so a compiled step is not reused from the cache after a kernel changed.
+    triton_op's own search finds none (it reads an operator's code for wrap_triton(kernel) calls,
+    which launcher() hides). Checked where the operators are triton_ops: a fresh process without
+    the interpreter."""
+    code = ("from torch._library.triton import get_triton_kernels_for_op\n"
+            "from ncrl_kernels.triton_kernels import backend\n"
+            "for name in sorted(backend._OPS):\n"
+            "    kernels = get_triton_kernels_for_op(f'ncrl_kernels::triton_{name}')\n"
+            "    print(name, *sorted(kernel.__name__ for kernel in kernels))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True, capture_output=True,
+                         text=True, timeout=300).stdout.splitlines()
+    kernels = "epilogue_kernel head_forward_kernel input_grad_kernel weight_grad_kernel"
+    assert out == [f"{name} {kernels}" for name in ("fused_forward", "head_backward", "head_forward", "loss_forward")]
+
+
 def test_lean_launch_can_be_turned_off():
     """NCRL_KERNELS_LEAN_LAUNCH=0 (read at import) sends every launch through the kernel itself,
     JITFunction.run: the way out should a Triton release change the internals LeanLaunch relies on.

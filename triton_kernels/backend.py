@@ -47,6 +47,10 @@ from .loss_rows import launch_epilogue
 # launches means patching it in each (tests/test_triton.py, bench/host_path.py).
 LAUNCHING_MODULES = (forward_kernels, backward_kernels, loss_kernels)
 
+# The kernels the operators launch (with the jit functions they call).
+KERNELS = (forward_kernels.head_forward_kernel, loss_kernels.epilogue_kernel, backward_kernels.weight_grad_kernel,
+           backward_kernels.input_grad_kernel)
+
 
 def _on_device(tensor):
     """Triton launches on the current CUDA device: make it the tensors' one (as CUDAGuard does
@@ -63,8 +67,23 @@ def _define(name, fn):
         op.register_fake(_op_autograd.FAKES[name])
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args=())
+        _declare_kernels(qualname)
     _OPS[name], _IMPLS[name] = op, _launching_directly(fn)
     return op
+
+
+def _declare_kernels(qualname):
+    """Make every kernel part of what torch's cache of compiled graphs (AOTAutograd's) keys the
+    operator `qualname` on: it hashes the source of the kernels ``triton_op`` found in the
+    operator's code, and ``triton_op`` looks for ``wrap_triton(kernel)`` calls there, which
+    ``launcher`` hides, so it finds none. A compiled step cached before a kernel changed (an
+    upgrade, an edit) would otherwise be reused with the old kernel. Every operator gets every
+    kernel: a key that covers more than the operator launches costs only its hashing. The table
+    is private (torch 2.11 to 2.14 have it)."""
+    from torch._library import triton as library_triton
+
+    if hasattr(library_triton, "triton_ops_to_kernels"):
+        library_triton.triton_ops_to_kernels[qualname] = list(KERNELS)
 
 
 def _launching_directly(fn):
