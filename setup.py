@@ -15,6 +15,8 @@ dispatcher checks against the GPU (ncrl_kernels/_dispatch.py).
 """
 import glob
 import os
+import re
+import subprocess
 
 import setuptools
 from setuptools import setup
@@ -41,11 +43,29 @@ def cuda_build_reason():
     if CUDA_HOME is None:
         return "no CUDA toolkit found (set CUDA_HOME)"
     # torch falls back to /usr/local/cuda whenever it exists, which runtime images ship without nvcc.
-    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    if not os.path.exists(nvcc):
         return f"no nvcc in the CUDA toolkit at {CUDA_HOME} (set CUDA_HOME to a full toolkit)"
+    # torch's build stops with an error on a toolkit of another major version than its own: build
+    # the CPU kernels instead, so that the package (and its Triton backend) still installs.
+    release = nvcc_release(nvcc)
+    torch_major = torch.version.cuda.split(".")[0]
+    if release is not None and release.split(".")[0] != torch_major:
+        return (f"the CUDA toolkit at {CUDA_HOME} is {release} and torch {torch.__version__} is built with CUDA "
+                f"{torch.version.cuda}, which torch's build refuses (set CUDA_HOME to a CUDA {torch_major} toolkit)")
     if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         return "no CUDA sources in csrc/cuda"
     return None
+
+
+def nvcc_release(nvcc):
+    """The release `nvcc --version` reports ("13.0"), or None where it says none."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found and found.group(1)
 
 
 def announce(what):

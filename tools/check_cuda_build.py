@@ -11,7 +11,9 @@ Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .
    TORCH_CUDA_ARCH_LIST (setup.py's default when unset) and PTX for the "+PTX" ones;
 5. checks that the bf16/fp16 path is 16-bit end to end: the device code has the bf16 and fp16
    instantiations of the feature and gradient kernels, and the library calls ATen's `mm.dtype_out`
-   (the GEMM of 16-bit operands with fp32 output; csrc/cuda calls it only with 16-bit operands).
+   (the GEMM of 16-bit operands with fp32 output; csrc/cuda calls it only with 16-bit operands);
+6. checks that setup.py builds the CPU kernels only, saying why, where the toolkit's CUDA major
+   version is not torch's (a pretend nvcc of another release), where torch's build would fail.
 
 Nothing runs on a GPU. The full build log is <venv>/ncrl-cuda-build.log; the build objects stay in
 build/ so a second run only recompiles what changed. Exits non-zero saying what failed.
@@ -192,6 +194,26 @@ def check_sixteen_bit_path(library, symbols):
     return sorted(SIXTEEN_BIT_KERNELS) + ["at::mm(out_dtype=float32)"]
 
 
+def check_toolkit_mismatch(torch_cuda):
+    """What setup.py announces with a CUDA_HOME whose nvcc reports another major release than
+    torch's CUDA: it must build the CPU kernels only (torch's build refuses such a toolkit)."""
+    other = f"{int(torch_cuda.split('.')[0]) - 1}.8"
+    with tempfile.TemporaryDirectory() as toolkit:
+        os.makedirs(os.path.join(toolkit, "bin"))
+        nvcc = os.path.join(toolkit, "bin", "nvcc")
+        with open(nvcc, "w") as f:
+            f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}, V{other}.89'\n")
+        os.chmod(nvcc, 0o755)
+        env = {k: v for k, v in os.environ.items() if k != "NCRL_KERNELS_CPU_ONLY"}
+        result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                                env=dict(env, CUDA_HOME=toolkit))
+    announced = re.findall(r"ncrl_kernels: building .*", result.stdout)
+    if result.returncode != 0 or not announced or "CPU-only" not in announced[0] or other not in announced[0]:
+        fail(f"with a CUDA {other} toolkit and torch's CUDA {torch_cuda}, setup.py should build the CPU kernels "
+             f"only and say why; it said {announced or result.stdout[-2000:] + result.stderr[-2000:]}")
+    return announced[0]
+
+
 def main():
     import torch
 
@@ -202,6 +224,7 @@ def main():
     seen = installed_extension(wheel)
     code, kernels, symbols = check_device_code(seen["library"], env)
     sixteen_bit = check_sixteen_bit_path(seen["library"], symbols)
+    print(f"check-cuda-build: with another CUDA major version: {check_toolkit_mismatch(torch.version.cuda)}")
     print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
           f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
           f"kernels: {', '.join(kernels)}; 16-bit path: {', '.join(sixteen_bit)}. "
