@@ -11,18 +11,20 @@
 #   2. decisive: N=4096 forward + backward, bf16 autocast and fp32 with TF32 on both sides
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
 #      eager, compiled and gemm-bound, time and peak memory, rows appended case by case; then
-#      where a fused step's time goes (bench/step_profile.py: GPU kernels against host time) and
-#      what each call path costs the host (bench/host_path.py),
+#      where a fused step's time goes (bench/step_profile.py: GPU kernels against host time),
 #   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32;
-#      every candidate config last),
-#   4. once the build is done: the other GPU tests and the fused-cuda rows at N=4096,
+#      torch.compile, then every candidate config, last),
+#   4. once the build is done (or, at the latest, 250 s before the end of the budget; where it
+#      failed or was stopped, the rest runs from the source tree): what each call path costs the
+#      host (bench/host_path.py), the other GPU tests and the fused-cuda rows at N=4096,
 #   5. N=1024 and 16384 (fwd, bwd, fwd_bwd), bf16 and TF32, then IEEE fp32 at N=4096,
 #   6. a whole training step: ATLOP's DocREModel with a BERT-base-sized encoder, fused against the
 #      unfused head (bench/atlop_step.py),
 #   7. every Triton kernel's candidate configs alone (bench/kernels.py) and the roofline model,
 #   8. plots and a summary (fused against eager, compiled and gemm-bound).
 # The whole stops itself before GPU_CHECK_BUDGET_S (default 530 s). When $OUT is
-# set, the GPU CSVs, a summary and one archive of the results and logs are copied there.
+# set, the GPU CSVs, a summary and one archive of the results and logs are copied there at every
+# phase and on exit, so a run stopped from outside still returns what it measured.
 # GPU_CHECK_DRY_RUN=1 runs the logic without a GPU: each command is printed, not run, and the clock
 # advances by its expected duration, which shows the timeline the budget gives.
 set -u -o pipefail
@@ -38,10 +40,29 @@ LOGS=bench/results/gpu-check-logs
 mkdir -p "$LOGS"
 declare -a SUMMARY=()
 
+GPU="<gpu>"  # the results' file name, as bench/harness.py spells the device (set below)
+
 elapsed() { echo $(( $(date +%s) - START + VIRTUAL )); }
 left() { echo $(( BUDGET_S - $(elapsed) )); }
-phase() { echo; echo "=== $1  (at $(elapsed)s of ${BUDGET_S}s)"; }
 note() { echo "$1"; SUMMARY+=("$1"); }
+# save_results: copy what is measured so far to $OUT, if set: the GPU CSVs, summary.txt and one
+# archive of the results and logs (the device tool returns $OUT even from a command it stopped).
+save_results() {
+    [[ -n "${OUT:-}" && $DRY != 1 ]] || return 0
+    mkdir -p "$OUT"
+    local csv
+    for csv in "bench/results/$GPU.csv" "bench/results/$GPU-kernels.csv" "bench/results/$GPU-atlop-step.csv" \
+               "bench/results/$GPU-host-path.csv"; do
+        [[ -f $csv ]] && cp -f "$csv" "$OUT/"
+    done
+    [[ -f "bench/results/tf32/$GPU.csv" ]] && cp -f "bench/results/tf32/$GPU.csv" "$OUT/tf32-$GPU.csv"
+    printf '%s\n' "${SUMMARY[@]}" >"$OUT/summary.txt"
+    # Everything else, the CSVs included in case the device name was not found.
+    tar czf "$OUT/gpu-check.tar.gz" bench/results/*.csv bench/results/*.png bench/results/tf32 "$LOGS" 2>/dev/null
+    return 0
+}
+trap save_results EXIT
+phase() { save_results; echo; echo "=== $1  (at $(elapsed)s of ${BUDGET_S}s)"; }
 # run_for SECONDS EXPECTED LOG CMD...: run CMD with at most SECONDS, SIGINT first (pytest still
 # prints its summary), output to the terminal and LOG; returns CMD's status (124: out of time).
 # EXPECTED is what a dry run pretends it took.
@@ -88,7 +109,6 @@ for i in range(torch.cuda.device_count()):
 print(f"fp32 matmul precision: {torch.backends.cuda.matmul.fp32_precision}")
 EOF
     (( PIPESTATUS[0] == 0 )) || { echo "gpu-check: no usable CUDA torch, stopping"; exit 1; }
-    # The results' file name, as bench/harness.py spells the device.
     GPU=$("$PY" -c "import sys, torch; sys.path.insert(0, 'bench'); import harness; print(harness.device_name(torch.device('cuda')))" \
           2>/dev/null || echo "<gpu>")
 fi
@@ -100,8 +120,12 @@ if [[ $DRY == 1 ]]; then
     INSTALL_DONE_AT=$(( $(elapsed) + 90 ))
 else
     # nice: the compiler must not take the cores from the host-bound measurements beside it;
-    # -v: the log says what setup.py built (CUDA or CPU only).
-    MAX_JOBS=$JOBS nice -n 19 "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 &
+    # -v: the log says what setup.py built (CUDA or CPU only); setsid: a process group of its own,
+    # so that stopping it stops its compilers too.
+    SETSID=()
+    command -v setsid >/dev/null && SETSID=(setsid --wait)
+    MAX_JOBS=$JOBS "${SETSID[@]}" nice -n 19 "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+        >"$LOGS/install.log" 2>&1 &
     INSTALL_PID=$!
 fi
 # Until the install is done, the package runs from the source tree: a folder holding ncrl_kernels's
@@ -113,19 +137,30 @@ for f in "$PWD"/ncrl_kernels/*; do ln -sfn "$f" "$SOURCE_TREE/ncrl_kernels/"; do
 ln -sfn "$PWD/triton_kernels" "$SOURCE_TREE/ncrl_kernels/triton_kernels"
 # PYTHONSAFEPATH: `python -m pytest` would otherwise import ncrl_kernels from the working directory first.
 from_source() { PYTHONSAFEPATH=1 PYTHONPATH="$SOURCE_TREE${PYTHONPATH:+:$PYTHONPATH}" "$@"; }
+# How the phases after the install run the package: installed, or from the source tree where the
+# install failed or did not finish in time (without the extension then, but with the Triton backend).
+PKG=from_source
+# wait_for_install: wait for the install, at most until INSTALL_LEFT_S seconds of the budget are left.
+INSTALL_LEFT_S=250
 wait_for_install() {
     if [[ $DRY == 1 ]]; then
         (( $(elapsed) >= INSTALL_DONE_AT )) || VIRTUAL=$(( VIRTUAL + INSTALL_DONE_AT - $(elapsed) ))
         note "install: ok (dry run)"
+        PKG=
         return 0
     fi
-    if wait "$INSTALL_PID"; then
+    while kill -0 "$INSTALL_PID" 2>/dev/null && (( $(left) > INSTALL_LEFT_S )); do sleep 2; done
+    if kill -0 "$INSTALL_PID" 2>/dev/null; then
+        kill -- "-$INSTALL_PID" 2>/dev/null || kill "$INSTALL_PID"
+        note "install: NOT DONE at $(elapsed)s, stopped (see $LOGS/install.log); the rest runs from the source tree"
+    elif wait "$INSTALL_PID"; then
         grep -h "ncrl_kernels: building" "$LOGS/install.log" || true
         note "install: ok (done at $(elapsed)s); backends on cuda: $("$PY" -c \
             "import ncrl_kernels; print(' '.join(ncrl_kernels.available_backends('cuda')))" 2>&1 | tail -n 1)"
+        PKG=
     else
         tail -n 40 "$LOGS/install.log"
-        note "install: FAILED (see $LOGS/install.log); testing what is importable"
+        note "install: FAILED (see $LOGS/install.log); the rest runs from the source tree"
     fi
 }
 
@@ -139,9 +174,10 @@ run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...: pytest's status 
     : >"$LOGS/tests-$label.log"
     run_for "$limit" "$expected" "$LOGS/tests-$label.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "$@"
     local status=$? result
-    result=$(grep -E "(passed|failed|error)" "$LOGS/tests-$label.log" | tail -n 1)
+    result=$(grep -E "(passed|failed|error|skipped|deselected|no tests ran)" "$LOGS/tests-$label.log" | tail -n 1)
     case $status in
-        0) note "tests $label: ${result:-passed}" ;;
+        0) if [[ $result == *passed* ]]; then note "tests $label: $result"
+           else note "tests $label: NOTHING PASSED: ${result:-no summary}"; fi ;;
         124|130) note "tests $label: STOPPED at the time limit: ${result:-no summary}" ;;
         *) note "tests $label: FAILED (status $status): ${result:-see $LOGS/tests-$label.log}" ;;
     esac
@@ -153,7 +189,7 @@ phase "LeanLaunch against Triton's JITFunction.run on this GPU"
 # internals, checked here only with their C launcher stubbed out (bench/launch_overhead.py). Where
 # its results or its route differ from JITFunction.run's on this GPU, or the check fails or runs
 # out of time, every later phase launches through JITFunction.run instead.
-if ! from_source run_tests $(( $(left) - 440 )) 25 lean-launch -m gpu -k test_lean_launch_gives_jit_run_bits \
+if ! from_source run_tests $(( $(left) - 470 )) 25 lean-launch -m gpu -k test_lean_launch_gives_jit_run_bits \
         tests/test_triton.py; then
     export NCRL_KERNELS_LEAN_LAUNCH=0
     note "LeanLaunch: OFF for the rest of this check (NCRL_KERNELS_LEAN_LAUNCH=0), see $LOGS/tests-lean-launch.log"
@@ -171,8 +207,6 @@ for provider in fused-triton compiled; do
     from_source run_for $(( $(left) - 340 )) 12 "$LOGS/step-profile.log" "$PY" bench/step_profile.py --n 4096 \
         --dtype bf16 --provider $provider
 done
-from_source run_for $(( $(left) - 330 )) 10 "$LOGS/host-path.log" "$PY" bench/host_path.py
-note "host time per step by call path (bench/host_path.py): status $? -> bench/results/$GPU-host-path.csv"
 
 phase "Triton GPU tests: tests/test_triton.py -m gpu"
 # Every candidate config last: about 20 kernel variants to compile, the least decisive.
@@ -180,37 +214,43 @@ from_source run_tests $(( $(left) - 320 )) 45 triton -m gpu \
     -k "not test_every_candidate_config and not test_lean_launch_gives_jit_run_bits" tests/test_triton.py
 from_source run_tests $(( $(left) - 280 )) 20 triton-configs -m gpu -k test_every_candidate_config tests/test_triton.py
 
-phase "the other GPU tests and fused-cuda, with the installed package"
+phase "host time by call path, the other GPU tests and fused-cuda, with the installed package"
 wait_for_install
-run_tests $(( $(left) - 200 )) 70 gpu -m gpu --ignore=tests/test_triton.py
-run_for $(( $(left) - 180 )) 15 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" --seconds 1 --n 4096 --modes fwd_bwd \
-    --providers fused-cuda --dtypes bf16
-note "fused-cuda bf16 N=4096: status $?"
+# After the install: its extension's family is timed too (a process started from the source tree
+# once the editable install is there would load the extension or not depending on the moment).
+$PKG run_for $(( $(left) - 230 )) 10 "$LOGS/host-path.log" "$PY" bench/host_path.py
+note "host time per step by call path (bench/host_path.py): status $? -> bench/results/$GPU-host-path.csv"
+# The extension's own tests and the operators first; the backend matrix (about 190 CUDA cases) last.
+$PKG run_tests $(( $(left) - 200 )) 70 gpu -m gpu --ignore=tests/test_triton.py tests/test_cuda.py tests/test_ops.py \
+    tests/test_validation.py tests
+$PKG run_for $(( $(left) - 180 )) 20 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" --seconds 1 --n 4096 --modes fwd_bwd \
+    --providers fused-cuda eager --dtypes bf16
+note "fused-cuda bf16 N=4096 (checked against eager): status $?"
 
 phase "N=1024 and 16384, every mode; IEEE fp32"
-run_for $(( ($(left) - 90) / 2 )) 40 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" --seconds 0.5 --n 1024 16384 --dtypes bf16
+$PKG run_for $(( ($(left) - 90) / 2 )) 40 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" --seconds 0.5 --n 1024 16384 --dtypes bf16
 note "bf16 N=1024, 16384: status $?"
-run_for $(( $(left) - 90 )) 40 "$LOGS/bench-fp32-tf32.log" env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
+$PKG run_for $(( $(left) - 90 )) 40 "$LOGS/bench-fp32-tf32.log" env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
     "$PY" "${BENCH[@]}" --seconds 0.5 --n 1024 16384 --dtypes fp32 --results bench/results/tf32
 note "TF32 N=1024, 16384: status $?"
-run_for $(( $(left) - 60 )) 25 "$LOGS/bench-fp32.log" "$PY" "${BENCH[@]}" --seconds 0.5 --n 4096 --dtypes fp32
+$PKG run_for $(( $(left) - 60 )) 25 "$LOGS/bench-fp32.log" "$PY" "${BENCH[@]}" --seconds 0.5 --n 4096 --dtypes fp32
 note "IEEE fp32 N=4096 (the Triton backend runs 3xTF32): status $?"
 
 phase "a whole training step: bench/atlop_step.py"
 if [[ $DRY == 1 ]] || "$PY" -c "import transformers" 2>/dev/null; then
-    run_for $(( $(left) - 60 )) 40 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --seconds 2
+    $PKG run_for $(( $(left) - 60 )) 40 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --seconds 2
     note "bench/atlop_step.py: status $? -> bench/results/$GPU-atlop-step.csv"
 else
     note "bench/atlop_step.py: SKIPPED, transformers is not installed on this machine"
 fi
 
 phase "every Triton kernel's candidates alone; the model"
-run_for $(( $(left) - 15 )) 50 "$LOGS/kernels.log" "$PY" bench/kernels.py --n 4096 --kinds bf16 tf32
+$PKG run_for $(( $(left) - 15 )) 50 "$LOGS/kernels.log" "$PY" bench/kernels.py --n 4096 --kinds bf16 tf32
 note "bench/kernels.py: status $? -> bench/results/$GPU-kernels.csv"
-run_for $(( $(left) - 5 )) 1 "$LOGS/kernels.log" "$PY" bench/roofline.py
+$PKG run_for $(( $(left) - 5 )) 1 "$LOGS/kernels.log" "$PY" bench/roofline.py
 
 phase "plots: bench/plot.py"
-run_for $(( $(left) + 30 )) 5 "$LOGS/plot.log" "$PY" bench/plot.py bench/results/*.csv bench/results/tf32/*.csv
+run_for $(( $(left) + 15 )) 5 "$LOGS/plot.log" "$PY" bench/plot.py bench/results/*.csv bench/results/tf32/*.csv
 
 phase "summary"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
@@ -225,15 +265,7 @@ grep -h "^triton\|^extension" "$LOGS/host-path.log" 2>/dev/null | sed 's/^/  hos
 grep -h "of the step\|faster than eager" "$LOGS/atlop-step.log" 2>/dev/null | sed 's/^/  /'
 echo "  total $(elapsed)s"
 
+save_results
 if [[ -n "${OUT:-}" && $DRY != 1 ]]; then
-    mkdir -p "$OUT"
-    [[ -f "bench/results/$GPU.csv" ]] && cp -f "bench/results/$GPU.csv" "$OUT/"
-    [[ -f "bench/results/$GPU-kernels.csv" ]] && cp -f "bench/results/$GPU-kernels.csv" "$OUT/"
-    [[ -f "bench/results/$GPU-atlop-step.csv" ]] && cp -f "bench/results/$GPU-atlop-step.csv" "$OUT/"
-    [[ -f "bench/results/$GPU-host-path.csv" ]] && cp -f "bench/results/$GPU-host-path.csv" "$OUT/"
-    [[ -f "bench/results/tf32/$GPU.csv" ]] && cp -f "bench/results/tf32/$GPU.csv" "$OUT/tf32-$GPU.csv"
-    for line in "${SUMMARY[@]}"; do echo "$line"; done >"$OUT/summary.txt"
-    # Everything else, the CSVs included in case the device name above was not found.
-    tar czf "$OUT/gpu-check.tar.gz" bench/results/*.csv bench/results/*.png bench/results/tf32 "$LOGS" 2>/dev/null
     echo "  copied the GPU CSVs, summary.txt and gpu-check.tar.gz (CSVs, plots, logs) to $OUT"
 fi

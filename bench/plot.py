@@ -4,7 +4,9 @@
     python bench/plot.py                      # every bench/run.py CSV in bench/results -> <device>-<dtype>.png
     python bench/plot.py path/to/file.csv
 
-For each (provider, mode, dtype, N) the newest row is plotted (rows are appended run after run).
+Each dtype's plot shows one run, the newest commit with rows of that dtype (rows are appended run
+after run, and a run need not measure every shape), and of it the newest row of each (provider,
+mode, N).
 """
 import argparse
 import csv
@@ -31,16 +33,21 @@ def is_bench_csv(path):
 
 
 def newest_rows(path):
-    """The newest row of each (provider, mode, dtype, N) among the plotted modes (a whole training
-    step, bench/atlop_step.py's mode "step", has no N axis to plot against)."""
-    latest = {}
+    """Per dtype, the rows of the newest commit that has rows of it (an older run's rows of shapes
+    the newest did not measure would otherwise be drawn beside it, unmarked), and of those the
+    newest of each (provider, mode, N); among the plotted modes only (a whole training step,
+    bench/atlop_step.py's mode "step", has no N axis to plot against)."""
     with open(path) as f:
-        for row in csv.DictReader(f):
-            if row["mode"] not in MODES:
-                continue
-            key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
-            if key not in latest or row["timestamp"] >= latest[key]["timestamp"]:
-                latest[key] = row
+        rows = [row for row in csv.DictReader(f) if row["mode"] in MODES]
+    newest_commit = {}
+    for row in sorted(rows, key=lambda row: row["timestamp"]):
+        newest_commit[row["dtype"]] = row["commit"]
+    latest = {}
+    for row in rows:
+        key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
+        if row["commit"] == newest_commit[row["dtype"]] and (key not in latest
+                                                             or row["timestamp"] >= latest[key]["timestamp"]):
+            latest[key] = row
     return list(latest.values())
 
 
@@ -69,9 +76,9 @@ def plot_file(path):
                 ax.set_xlabel("entity pairs N")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
-        device = rows[0]["device"]
-        fig.suptitle(f"group-bilinear head + NCRL, E={rows[0]['emb']} B={rows[0]['block']} "
-                     f"C={rows[0]['classes']} on {device}")
+        first = next(r for r in rows if r["dtype"] == dtype)
+        fig.suptitle(f"group-bilinear head + NCRL, E={first['emb']} B={first['block']} C={first['classes']} "
+                     f"on {first['device']}, at {first['commit']}")
         fig.tight_layout()
         stem = os.path.splitext(os.path.basename(path))[0]  # <device>, or <device>-<study>
         out = os.path.join(os.path.dirname(path), f"{stem}-{dtype}.png")

@@ -134,18 +134,19 @@ def gemm_bound_job(case, mode, device, dtype):
 
 def refused_providers(case, providers, device, autocast_dtype):
     """{provider: why} for each provider whose loss differs from eager's, or whose step fails: its
-    time would mean nothing. Eager's own failure stops the run (nothing could be checked)."""
+    time would mean nothing. Eager's own failure stops the run (nothing could be checked). With
+    autograd on, as the timed steps run: under no_grad, torch.compile compiled the check a graph
+    of its own, a second cold compile before the first timed row."""
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     values, refused = {}, {}
-    with torch.no_grad():
-        for name, step in providers.items():
-            try:
-                with autocast():
-                    values[name] = step(case).item()
-            except Exception as error:  # one broken provider must not cost the others' rows
-                if name == "eager":
-                    raise
-                refused[name] = f"failed: {type(error).__name__}: {error}"
+    for name, step in providers.items():
+        try:
+            with autocast():
+                values[name] = step(case).item()
+        except Exception as error:  # one broken provider must not cost the others' rows
+            if name == "eager":
+                raise
+            refused[name] = f"failed: {type(error).__name__}: {error}"
     rtol = 2e-2 if autocast_dtype else 1e-3
     for name, value in values.items():
         if not math.isclose(value, values["eager"], rel_tol=rtol):

@@ -41,6 +41,11 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def device_params():
+    """devices() as test parameters, CUDA's marked gpu (make gpu-check runs -m gpu)."""
+    return [pytest.param(dev, id=dev, marks=[pytest.mark.gpu] if dev == "cuda" else []) for dev in devices()]
+
+
 def fused_backends():
     """(device, backend) pairs of every non-reference backend available here."""
     return [

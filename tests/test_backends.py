@@ -11,7 +11,7 @@ from conftest import (
     RESULT_NAMES,
     all_backends,
     assert_close,
-    devices,
+    device_params,
     dtypes_for,
     fp64,
     fused_backends,
@@ -226,7 +226,7 @@ def test_bitwise_deterministic(device, backend, symmetric):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("num_labels", [-1, 0, 1, 3, 100])
 def test_predict(device, num_labels):
     logits = make_logits(50, 9, device=device)
@@ -241,7 +241,7 @@ def test_predict(device, num_labels):
         assert (got[:, 1:].sum(1) <= num_labels).all()
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", device_params())
 def test_predict_with_a_global_threshold(device):
     """A model trained with bce_loss learns no none-class score: `threshold` takes f_0's place and
     column 0 is not read; the top-k limit still counts the threshold's column, as with f_0."""

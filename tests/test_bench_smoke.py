@@ -35,6 +35,28 @@ def test_bench_run_and_plot(tmp_path):
     assert os.path.getsize(png) > 0
 
 
+def test_plot_shows_the_newest_run_of_each_dtype(tmp_path):
+    """Rows are appended run after run and a run need not measure every shape: each dtype's plot
+    takes the newest commit's rows of that dtype only, and of those the newest per point."""
+    path = tmp_path / "device.csv"
+
+    def row(commit, stamp, dtype, n, ms, mode="fwd_bwd"):
+        return dict(kernel="group_bilinear_ncrl", provider="eager", mode=mode, dtype=dtype, n_pairs=n, emb=16,
+                    block=4, classes=5, ms_p50=ms, ms_p20=ms, ms_p80=ms, peak_mem_mib=1, device="d", commit=commit,
+                    timestamp=stamp)
+
+    rows = [row("old", "2026-01-01", "bf16", 8, 1.0), row("old", "2026-01-01", "bf16", 24, 2.0),
+            row("old", "2026-01-01", "fp32", 8, 3.0), row("new", "2026-02-01", "bf16", 8, 4.0),
+            row("new", "2026-02-02", "bf16", 8, 5.0), row("new", "2026-02-02", "bf16", 0, 1.0, mode="step")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = sorted((r["dtype"], r["commit"], r["n_pairs"], r["ms_p50"]) for r in plot.newest_rows(str(path)))
+    assert shown == [("bf16", "new", "8", "5.0"), ("fp32", "old", "8", "3.0")]
+    assert len(plot.plot_file(str(path))) == 2
+
+
 def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
     wrong = lambda case: run.make_step("eager")(case) * 1.1  # noqa: E731
     monkeypatch.setattr(run, "make_step", lambda p: wrong if p == "fused-cpp" else run.loss_provider("reference"))
