@@ -216,8 +216,7 @@ from_source run_tests $(( $(left) - 280 )) 20 triton-configs -m gpu -k test_ever
 
 phase "host time by call path, the other GPU tests and fused-cuda, with the installed package"
 wait_for_install
-# After the install: its extension's family is timed too (a process started from the source tree
-# once the editable install is there would load the extension or not depending on the moment).
+# After the install, so that the extension's family is timed too (not loaded from the source tree).
 $PKG run_for $(( $(left) - 230 )) 10 "$LOGS/host-path.log" "$PY" bench/host_path.py
 note "host time per step by call path (bench/host_path.py): status $? -> bench/results/$GPU-host-path.csv"
 # The extension's own tests and the operators first; the backend matrix (about 190 CUDA cases) last.

@@ -7,6 +7,7 @@ compared first): ``LOAD_ERROR`` says why (and what to do), the dispatcher report
 as unavailable, and an ``ExtensionNotLoadedWarning`` says so once per process (an error only where
 warnings are errors).
 """
+import importlib.util
 import pathlib
 import warnings
 
@@ -57,11 +58,27 @@ def _build_record():
     return _build_info.TORCH_VERSION, getattr(_build_info, "CUDA_ARCHS", None)
 
 
+def foreign_extension(origin, package_dir):
+    """Why the _C at `origin` must not be loaded into the package at `package_dir`, or None. An
+    editable install maps its own _C into an ncrl_kernels imported from anywhere else (setuptools'
+    finder answers where the package's directory has none): built from other sources, perhaps for
+    another torch, and its record is not the one this package reads."""
+    if pathlib.Path(origin).parent.resolve() == package_dir.resolve():
+        return None
+    return (f"the compiled extension Python would load, {origin}, is not in this package's directory {package_dir} "
+            "(an editable install of a copy elsewhere maps it in), so it is not loaded; import ncrl_kernels from that "
+            f"copy, or build this one: {REBUILD}")
+
+
 def _load():
     """(LOAD_ERROR, CUDA_ARCH_LIST): None and the build's arch list once _C is loaded, else why it
     was not and None."""
-    package_dir = pathlib.Path(__file__).resolve().parent
-    if not any(package_dir.glob("_C*")):  # a record without a _C (a stale one, say) says nothing
+    package_dir = pathlib.Path(__file__).parent
+    found = importlib.util.find_spec(f"{__package__}._C")
+    foreign = found is not None and found.origin and foreign_extension(found.origin, package_dir)
+    if foreign:
+        return foreign, None
+    if found is None:  # a record without a _C (a stale one, say) says nothing
         arch_list = None
     else:
         build_torch, arch_list = _build_record()
@@ -71,7 +88,7 @@ def _load():
     try:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except ImportError as exc:
-        return load_error(exc, package_dir), None
+        return load_error(exc, package_dir.resolve()), None
     return None, arch_list
 
 

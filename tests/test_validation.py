@@ -1,6 +1,7 @@
 """Every bad input of docs/spec.md gets a ValueError/TypeError naming the argument, before any kernel
 runs, whichever backend is asked for."""
 import os
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -144,6 +145,45 @@ def test_backend_that_cannot_run_says_why(good, monkeypatch, tmp_path):
 def test_build_recorded_its_torch():
     from ncrl_kernels import _build_info
     assert _build_info.TORCH_VERSION == torch.__version__
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
+def test_extension_of_another_copy_is_not_loaded(tmp_path):
+    """An editable install maps its own _C into an ncrl_kernels imported from anywhere else
+    (setuptools' finder answers where the package's directory has none; make gpu-check's phases
+    that run from a source tree meet it, as does a second checkout): that _C, built from other
+    sources and perhaps for another torch, is not loaded, and the warning says why. Here a copy of
+    the package without _C, in a fresh process with a finder that maps _C to this build, as
+    setuptools' does."""
+    package = pathlib.Path(ncrl_kernels.__file__).parent
+    copy = tmp_path / "ncrl_kernels"
+    copy.mkdir()
+    for path in package.iterdir():
+        if not path.name.startswith("_C") and path.name != "__pycache__":
+            (copy / path.name).symlink_to(path)
+    code = (
+        "import importlib.machinery, sys, warnings\n"
+        "class EditableFinder:\n"
+        "    @staticmethod\n"
+        "    def find_spec(name, path=None, target=None):\n"
+        "        if name == 'ncrl_kernels._C':\n"
+        f"            return importlib.machinery.PathFinder.find_spec(name, [{str(package)!r}])\n"
+        "sys.meta_path.append(EditableFinder)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import ncrl_kernels\n"
+        "from ncrl_kernels import _extension\n"
+        "print(ncrl_kernels.__file__)\n"
+        "print(_extension.LOAD_ERROR)\n"
+        "print('ncrl_kernels._C' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PYTHONSAFEPATH="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported, error, loaded = out.stdout.splitlines()[-3:]
+    assert imported == str(copy / "__init__.py")
+    assert f"{package}/_C" in error and f"is not in this package's directory {copy}" in error
+    assert loaded == "False"
 
 
 def test_extension_built_for_another_torch_is_not_loaded():
