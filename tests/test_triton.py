@@ -286,6 +286,14 @@ def test_lean_launch_passes_what_triton_passes(tmp_path):
     assert "lean" in path.read_text()
 
 
+def without_interpreter(code, **env):
+    """The output of Python `code` run in a fresh process without TRITON_INTERPRET (the operators
+    are triton_ops there, and launches would take LeanLaunch on a GPU), with `env` set."""
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code], env={**base, **env}, check=True,
+                          capture_output=True, text=True, timeout=300).stdout
+
+
 def test_compiled_graph_cache_keys_on_the_kernels():
     """torch's cache of compiled graphs (AOTAutograd's) keys a graph on the source of the Triton
     kernels that its operators launch, as torch.library.triton_op lists them: each operator lists
@@ -298,9 +306,7 @@ def test_compiled_graph_cache_keys_on_the_kernels():
             "for name in sorted(backend._OPS):\n"
             "    kernels = get_triton_kernels_for_op(f'ncrl_kernels::triton_{name}')\n"
             "    print(name, *sorted(kernel.__name__ for kernel in kernels))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, check=True, capture_output=True,
-                         text=True, timeout=300).stdout.splitlines()
+    out = without_interpreter(code).splitlines()
     kernels = "epilogue_kernel head_forward_kernel input_grad_kernel weight_grad_kernel"
     assert out == [f"{name} {kernels}" for name in ("fused_forward", "head_backward", "head_forward", "loss_forward")]
 
@@ -313,10 +319,7 @@ def test_lean_launch_can_be_turned_off():
     code = ("from ncrl_kernels.triton_kernels import _launch, head_forward as module\n"
             "with _launch.direct_launches():\n"
             "    print(type(_launch.launcher(module.head_forward_kernel)).__name__)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NCRL_KERNELS_LEAN_LAUNCH")}
-    routes = [subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=dict(env, **extra), check=True,
-                             capture_output=True, text=True, timeout=300).stdout.split()[-1]
-              for extra in ({}, {"NCRL_KERNELS_LEAN_LAUNCH": "0"})]
+    routes = [without_interpreter(code, NCRL_KERNELS_LEAN_LAUNCH=value).split()[-1] for value in ("1", "0")]
     assert routes == ["LeanLaunch", "JITFunction"]
 
 
