@@ -16,14 +16,16 @@ dispatcher checks against the GPU (ncrl_kernels/_dispatch.py).
 import glob
 import os
 import re
+import shlex
 import subprocess
+import tempfile
 
 import setuptools
 from setuptools import setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, get_cxx_compiler
 except ImportError as exc:
     raise SystemExit(
         f"ncrl_kernels builds against the torch it will run with, and none is importable here ({exc}). "
@@ -74,17 +76,35 @@ def announce(what):
     print(f"ncrl_kernels: {what}", flush=True)
 
 
+def compiles_openmp():
+    """Whether the C++ compiler builds OpenMP code (-fopenmp and <omp.h>): GCC does, LLVM's clang
+    with libomp installed does, Apple's clang does not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "omp.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")
+        command = [*shlex.split(get_cxx_compiler()), "-fopenmp", "-c", source, "-o", os.path.join(tmp, "omp.o")]
+        try:
+            return subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile time only: at::parallel_for is an OpenMP pragma in ATen's headers, and its
     # runtime symbols resolve to the libgomp that torch itself loads (linking a second one would
-    # give two thread pools). No -std: torch adds the C++ standard its headers need (C++20 today).
-    cxx = ["-O3", "-fopenmp"]
+    # give two thread pools). A compiler without OpenMP builds them too: parallel_for then runs
+    # the CPU kernels on one thread. No -std: torch adds the C++ standard its headers need.
+    openmp = compiles_openmp()
+    cxx = ["-O3", "-fopenmp"] if openmp else ["-O3"]
+    threads = "" if openmp else (f"; without OpenMP, which the C++ compiler {get_cxx_compiler()} does not build, "
+                                 "so the CPU kernels run on one thread")
     reason = cuda_build_reason()
     if reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         announce(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, "
-                 f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, toolkit {CUDA_HOME})")
+                 f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, toolkit {CUDA_HOME}{threads})")
         # No --use_fast_math: the loss rows need accurate exp/log1p, and the time goes to cuBLAS.
         nvcc = ["-O3"]
         return CUDAExtension(
@@ -92,7 +112,7 @@ def extension():
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
-    announce(f"building CPU-only kernels ({reason})")
+    announce(f"building CPU-only kernels ({reason}{threads})")
     return CppExtension("ncrl_kernels._C", sources, extra_compile_args={"cxx": cxx})
 
 

@@ -141,6 +141,23 @@ def test_backend_that_cannot_run_says_why(good, monkeypatch, tmp_path):
     assert torch.isfinite(fused(good, "auto"))
 
 
+def test_build_without_openmp_says_so(tmp_path):
+    """A C++ compiler that does not build OpenMP code (Apple's clang; clang without libomp) builds
+    the CPU kernels without -fopenmp, and the build log's line says they run on one thread: with
+    the flag, ATen's headers include <omp.h> and the build stopped. Here a compiler that refuses
+    -fopenmp, as setup.py's probe sees it (clang 14 without libomp, tried by hand, builds and passes
+    the cpp tests)."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CXX=str(compiler)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("ncrl_kernels: building")]
+    assert f"without OpenMP, which the C++ compiler {compiler} does not build, so the CPU kernels run on one thread" in line
+
+
 @pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
 def test_build_recorded_its_torch():
     from ncrl_kernels import _build_info
