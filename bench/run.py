@@ -86,6 +86,18 @@ def providers_for(device):
     return names
 
 
+def recorded_name(provider):
+    """The provider's name in the rows: 'fused-triton-jit' for fused-triton launched through
+    Triton's JITFunction.run (NCRL_KERNELS_LEAN_LAUNCH=0; make gpu-check sets it where LeanLaunch
+    fails its check), whose launches cost the host more than the default's."""
+    if provider == "fused-triton":
+        from ncrl_kernels.triton_kernels import _launch
+
+        if not _launch.LEAN:
+            return "fused-triton-jit"
+    return provider
+
+
 def make_step(provider):
     if provider == "eager":
         return loss_provider("reference")
@@ -212,7 +224,7 @@ def run(args):
     def row(key, timing, peak):
         dtype_name, n, mode, provider = key
         p50, p20, p80 = timing
-        return dict(kernel=KERNEL, provider=provider, mode=mode, dtype=dtype_name, n_pairs=n, emb=args.emb,
+        return dict(kernel=KERNEL, provider=recorded_name(provider), mode=mode, dtype=dtype_name, n_pairs=n, emb=args.emb,
                     block=args.block, classes=args.classes, ms_p50=round(p50, 3), ms_p20=round(p20, 3),
                     ms_p80=round(p80, 3), peak_mem_mib=round(peak, 1), device=harness.device_name(device),
                     commit=commit, timestamp=stamp)

@@ -47,7 +47,16 @@ def torch_mismatch(build_version, running_version):
             f"runs only with the torch it was built with); {REBUILD}")
 
 
-def _build_record():
+# An editable install maps its own modules into an ncrl_kernels imported from anywhere else
+# (setuptools' finder answers where the package's directory has none of them): a _C built from other
+# sources, perhaps for another torch, and another build's record. Only the package's own are used.
+
+
+def in_directory(path, directory):
+    return pathlib.Path(path).parent.resolve() == directory.resolve()
+
+
+def _build_record(package_dir):
     """What setup.py recorded next to _C: (the torch it was compiled against, the
     TORCH_CUDA_ARCH_LIST of its CUDA kernels or None); for a build without a record (made before
     setup.py wrote one), the running torch and None: nothing to check."""
@@ -55,19 +64,9 @@ def _build_record():
         from . import _build_info
     except ImportError:
         return torch.__version__, None
+    if getattr(_build_info, "__file__", None) and not in_directory(_build_info.__file__, package_dir):
+        return torch.__version__, None  # another copy's
     return _build_info.TORCH_VERSION, getattr(_build_info, "CUDA_ARCHS", None)
-
-
-def foreign_extension(origin, package_dir):
-    """Why the _C at `origin` must not be loaded into the package at `package_dir`, or None. An
-    editable install maps its own _C into an ncrl_kernels imported from anywhere else (setuptools'
-    finder answers where the package's directory has none): built from other sources, perhaps for
-    another torch, and its record is not the one this package reads."""
-    if pathlib.Path(origin).parent.resolve() == package_dir.resolve():
-        return None
-    return (f"the compiled extension Python would load, {origin}, is not in this package's directory {package_dir} "
-            "(an editable install of a copy elsewhere maps it in), so it is not loaded; import ncrl_kernels from that "
-            f"copy, or build this one: {REBUILD}")
 
 
 def _load():
@@ -75,13 +74,15 @@ def _load():
     was not and None."""
     package_dir = pathlib.Path(__file__).parent
     found = importlib.util.find_spec(f"{__package__}._C")
-    foreign = found is not None and found.origin and foreign_extension(found.origin, package_dir)
-    if foreign:
-        return foreign, None
-    if found is None:  # a record without a _C (a stale one, say) says nothing
+    origin = found.origin if found is not None else None
+    if origin is not None and not in_directory(origin, package_dir):
+        return (f"the compiled extension Python would load, {origin}, is not in this package's directory "
+                f"{package_dir} (an editable install of a copy elsewhere maps it in), so it is not loaded; import "
+                f"ncrl_kernels from that copy, or build this one: {REBUILD}"), None
+    if origin is None:  # a record without a _C (a stale one, say) says nothing
         arch_list = None
     else:
-        build_torch, arch_list = _build_record()
+        build_torch, arch_list = _build_record(package_dir)
         mismatch = torch_mismatch(build_torch, torch.__version__)
         if mismatch is not None:
             return mismatch, None

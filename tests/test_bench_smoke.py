@@ -57,6 +57,18 @@ def test_plot_shows_the_newest_run_of_each_dtype(tmp_path):
     assert len(plot.plot_file(str(path))) == 2
 
 
+def test_rows_name_the_triton_launch_path(monkeypatch):
+    """fused-triton rows measured with every launch through Triton's JITFunction.run (LeanLaunch
+    off: NCRL_KERNELS_LEAN_LAUNCH=0, as make gpu-check sets after a failed check) are recorded as
+    fused-triton-jit, not as the default path's figures."""
+    _launch = pytest.importorskip("ncrl_kernels.triton_kernels._launch")
+    monkeypatch.setattr(_launch, "LEAN", True)
+    assert run.recorded_name("fused-triton") == "fused-triton"
+    monkeypatch.setattr(_launch, "LEAN", False)
+    assert [run.recorded_name(p) for p in ("fused-triton", "fused-cpp", "eager")] == ["fused-triton-jit", "fused-cpp",
+                                                                                     "eager"]
+
+
 def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
     wrong = lambda case: run.make_step("eager")(case) * 1.1  # noqa: E731
     monkeypatch.setattr(run, "make_step", lambda p: wrong if p == "fused-cpp" else run.loss_provider("reference"))

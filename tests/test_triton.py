@@ -18,6 +18,7 @@ from conftest import (
     RESULT_NAMES,
     assert_close,
     cuda_peak_extra_mib,
+    device_params,
     fp64,
     leaves,
     make_head_inputs,
@@ -33,11 +34,7 @@ DOCRED = (4096, 768, 64, 97)
 
 
 def triton_devices():
-    return [
-        pytest.param(dev, id=dev, marks=[pytest.mark.gpu] if dev == "cuda" else [])
-        for dev in ("cpu", "cuda")
-        if "triton" in ncrl_kernels.available_backends(dev) if dev == "cpu" or CUDA
-    ]
+    return [param for param in device_params() if "triton" in ncrl_kernels.available_backends(param.values[0])]
 
 
 def backend_module():
@@ -164,10 +161,11 @@ def test_eager_calls_launch_directly(device, monkeypatch):
 
     from ncrl_kernels.triton_kernels.backend import LAUNCHING_MODULES
 
-    launches = []
+    launches, kernels = [], set()
     for module in LAUNCHING_MODULES:
         def spy(kernel, launcher=module.launcher):
             launches.append(is_wrap_triton_enabled())
+            kernels.add(kernel)
             return launcher(kernel)
         monkeypatch.setattr(module, "launcher", spy)
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
@@ -177,6 +175,8 @@ def test_eager_calls_launch_directly(device, monkeypatch):
     ncrl_kernels.ncrl_loss(logits, labels, backend="triton").backward()
     # fused: forward, epilogue, dW, dX; head: forward, epilogue, dW, dX; loss: epilogue.
     assert launches == [False] * 9
+    # What the operators declare for torch's compiled-graph cache (test_compiled_graph_cache_keys_on_the_kernels).
+    assert kernels == set(backend_module().KERNELS)
 
 
 def candidate_configs(device):
@@ -286,41 +286,48 @@ def test_lean_launch_passes_what_triton_passes(tmp_path):
     assert "lean" in path.read_text()
 
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
 def without_interpreter(code, **env):
     """The output of Python `code` run in a fresh process without TRITON_INTERPRET (the operators
     are triton_ops there, and launches would take LeanLaunch on a GPU), with `env` set."""
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-W", "ignore", "-c", code], env={**base, **env}, check=True,
-                          capture_output=True, text=True, timeout=300).stdout
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env={**base, **env}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
+@needs_triton
 def test_compiled_graph_cache_keys_on_the_kernels():
     """torch's cache of compiled graphs (AOTAutograd's) keys a graph on the source of the Triton
     kernels that its operators launch, as torch.library.triton_op lists them: each operator lists
     the package's kernels, so a compiled step is not reused from the cache after a kernel changed.
     triton_op's own search finds none (it reads an operator's code for wrap_triton(kernel) calls,
     which launcher() hides). Checked where the operators are triton_ops: a fresh process without
-    the interpreter."""
+    the interpreter. (test_eager_calls_launch_directly checks that KERNELS are the kernels launched.)"""
     code = ("from torch._library.triton import get_triton_kernels_for_op\n"
             "from ncrl_kernels.triton_kernels import backend\n"
             "for name in sorted(backend._OPS):\n"
             "    kernels = get_triton_kernels_for_op(f'ncrl_kernels::triton_{name}')\n"
-            "    print(name, *sorted(kernel.__name__ for kernel in kernels))\n")
+            "    print(name, list(kernels) == list(backend.KERNELS) and len(kernels))\n")
     out = without_interpreter(code).splitlines()
-    kernels = "epilogue_kernel head_forward_kernel input_grad_kernel weight_grad_kernel"
-    assert out == [f"{name} {kernels}" for name in ("fused_forward", "head_backward", "head_forward", "loss_forward")]
+    assert out == [f"{name} 4" for name in ("fused_forward", "head_backward", "head_forward", "loss_forward")]
 
 
+@needs_triton
 def test_lean_launch_can_be_turned_off():
-    """NCRL_KERNELS_LEAN_LAUNCH=0 (read at import) sends every launch through the kernel itself,
-    JITFunction.run: the way out should a Triton release change the internals LeanLaunch relies on.
+    """NCRL_KERNELS_LEAN_LAUNCH=0 (or false, no, off; read at import) sends every launch through the
+    kernel itself, JITFunction.run: the way out should a Triton release change the internals
+    LeanLaunch relies on.
     Checked in fresh processes without the interpreter, where launches would otherwise take
     LeanLaunch."""
     code = ("from ncrl_kernels.triton_kernels import _launch, head_forward as module\n"
             "with _launch.direct_launches():\n"
             "    print(type(_launch.launcher(module.head_forward_kernel)).__name__)\n")
-    routes = [without_interpreter(code, NCRL_KERNELS_LEAN_LAUNCH=value).split()[-1] for value in ("1", "0")]
-    assert routes == ["LeanLaunch", "JITFunction"]
+    routes = [without_interpreter(code, NCRL_KERNELS_LEAN_LAUNCH=value).split()[-1] for value in ("1", "0", "Off")]
+    assert routes == ["LeanLaunch", "JITFunction", "JITFunction"]
 
 
 # CUDA only.

@@ -257,6 +257,7 @@ def test_no_gpu_backend_on_rocm(monkeypatch):
     monkeypatch.setattr(_dispatch, "_IMPLEMENTATIONS", dict(_dispatch._IMPLEMENTATIONS, triton=object()))
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"CPU", "CUDA"}))
+    monkeypatch.setattr(_dispatch, "CUDA_ARCHS", None)  # whatever this build's arch list
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (9, 4))
     assert ncrl_kernels.available_backends("cuda:0") == ["reference", "cuda", "triton"]  # as on an H100

@@ -32,10 +32,11 @@ except ImportError:  # another Triton: every launch takes JITFunction.run
     native_specialize_impl = None
 
 # Whether launches on a GPU take LeanLaunch. It relies on Triton internals (checked for 3.6 to 3.9),
-# so NCRL_KERNELS_LEAN_LAUNCH=0, read here at import, sends every launch through JITFunction.run
-# instead: the way out should a Triton release change them (make gpu-check sets it when
-# tests/test_triton.py::test_lean_launch_gives_jit_run_bits fails on the GPU).
-LEAN = native_specialize_impl is not None and os.environ.get("NCRL_KERNELS_LEAN_LAUNCH", "1") != "0"
+# so NCRL_KERNELS_LEAN_LAUNCH=0 (or false, no, off), read here at import, sends every launch through
+# JITFunction.run instead: the way out should a Triton release change them (make gpu-check sets it
+# when tests/test_triton.py::test_lean_launch_gives_jit_run_bits fails on the GPU).
+LEAN = (native_specialize_impl is not None
+        and os.environ.get("NCRL_KERNELS_LEAN_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off"))
 
 
 def direct_launches():
