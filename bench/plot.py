@@ -4,9 +4,9 @@
     python bench/plot.py                      # every bench/run.py CSV in bench/results -> <device>-<dtype>.png
     python bench/plot.py path/to/file.csv
 
-Each dtype's plot shows one run, the newest commit with rows of that dtype (rows are appended run
-after run, and a run need not measure every shape), and of it the newest row of each (provider,
-mode, N).
+For each (provider, mode, dtype, N) the newest row is plotted (rows are appended run after run).
+A run need not measure every shape: points of an older commit than the dtype's newest are drawn
+hollow, and the title names the commits.
 """
 import argparse
 import csv
@@ -33,40 +33,53 @@ def is_bench_csv(path):
 
 
 def newest_rows(path):
-    """Per dtype, the rows of the newest commit that has rows of it (an older run's rows of shapes
-    the newest did not measure would otherwise be drawn beside it, unmarked), and of those the
-    newest of each (provider, mode, N); among the plotted modes only (a whole training step,
-    bench/atlop_step.py's mode "step", has no N axis to plot against)."""
-    with open(path) as f:
-        rows = [row for row in csv.DictReader(f) if row["mode"] in MODES]
-    newest_commit = {}
-    for row in sorted(rows, key=lambda row: row["timestamp"]):
-        newest_commit[row["dtype"]] = row["commit"]
+    """The newest row of each (provider, mode, dtype, N) among the plotted modes (a whole training
+    step, bench/atlop_step.py's mode "step", has no N axis to plot against)."""
     latest = {}
-    for row in rows:
-        key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
-        if row["commit"] == newest_commit[row["dtype"]] and (key not in latest
-                                                             or row["timestamp"] >= latest[key]["timestamp"]):
-            latest[key] = row
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row["mode"] not in MODES:
+                continue
+            key = (row["provider"], row["mode"], row["dtype"], int(row["n_pairs"]))
+            if key not in latest or row["timestamp"] >= latest[key]["timestamp"]:
+                latest[key] = row
     return list(latest.values())
+
+
+def commits_newest_first(rows):
+    """The commits of `rows`, the one of the newest row first."""
+    commits = [row["commit"] for row in sorted(rows, key=lambda row: row["timestamp"], reverse=True)]
+    return list(dict.fromkeys(commits))
+
+
+def plot_points(ax, rows, column, style, label, newest_commit):
+    """One provider's line through `rows` (sorted by N), its points of commits older than
+    `newest_commit` hollow."""
+    n = [int(r["n_pairs"]) for r in rows]
+    (line,) = ax.plot(n, [float(r[column]) for r in rows], style, label=label)
+    older = [r for r in rows if r["commit"] != newest_commit]
+    if older:
+        ax.plot([int(r["n_pairs"]) for r in older], [float(r[column]) for r in older], linestyle="none",
+                marker=line.get_marker(), color=line.get_color(), markerfacecolor="white")
 
 
 def plot_file(path):
     rows = newest_rows(path)
     outputs = []
     for dtype in sorted({r["dtype"] for r in rows}):
-        fig, axes = plt.subplots(2, len(MODES), figsize=(5 * len(MODES), 8), squeeze=False)
-        for col, mode in enumerate(MODES):
+        commits = commits_newest_first([r for r in rows if r["dtype"] == dtype])
+        modes = [mode for mode in MODES if any(r["mode"] == mode and r["dtype"] == dtype for r in rows)]
+        fig, axes = plt.subplots(2, len(modes), figsize=(5 * len(modes), 8), squeeze=False)
+        for col, mode in enumerate(modes):
             for provider in sorted({r["provider"] for r in rows}):
                 sel = sorted((r for r in rows if r["provider"] == provider and r["mode"] == mode
                               and r["dtype"] == dtype), key=lambda r: int(r["n_pairs"]))
                 if not sel:
                     continue
-                n = [int(r["n_pairs"]) for r in sel]
                 style = STYLE.get(provider, "^-")
-                axes[0][col].plot(n, [float(r["ms_p50"]) for r in sel], style, label=provider)
+                plot_points(axes[0][col], sel, "ms_p50", style, provider, commits[0])
                 if provider != "gemm-bound":  # its memory is the pre-built feature's GEMM outputs
-                    axes[1][col].plot(n, [float(r["peak_mem_mib"]) for r in sel], style, label=provider)
+                    plot_points(axes[1][col], sel, "peak_mem_mib", style, provider, commits[0])
             axes[0][col].set_title(f"{mode} ({dtype})")
             axes[0][col].set_ylabel("median time (ms)")
             axes[1][col].set_ylabel("peak extra memory (MiB)")
@@ -77,8 +90,9 @@ def plot_file(path):
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
         first = next(r for r in rows if r["dtype"] == dtype)
+        older = f" (hollow: {', '.join(commits[1:])})" if len(commits) > 1 else ""
         fig.suptitle(f"group-bilinear head + NCRL, E={first['emb']} B={first['block']} C={first['classes']} "
-                     f"on {first['device']}, at {first['commit']}")
+                     f"on {first['device']}, at {commits[0]}{older}")
         fig.tight_layout()
         stem = os.path.splitext(os.path.basename(path))[0]  # <device>, or <device>-<study>
         out = os.path.join(os.path.dirname(path), f"{stem}-{dtype}.png")

@@ -35,9 +35,10 @@ def test_bench_run_and_plot(tmp_path):
     assert os.path.getsize(png) > 0
 
 
-def test_plot_shows_the_newest_run_of_each_dtype(tmp_path):
-    """Rows are appended run after run and a run need not measure every shape: each dtype's plot
-    takes the newest commit's rows of that dtype only, and of those the newest per point."""
+def test_plot_marks_rows_of_older_runs(tmp_path):
+    """Rows are appended run after run and a run need not measure every shape: each point is the
+    newest row of its (provider, mode, dtype, N), and the commits are ordered newest first per
+    dtype (the plot draws the older ones' points hollow and names them)."""
     path = tmp_path / "device.csv"
 
     def row(commit, stamp, dtype, n, ms, mode="fwd_bwd"):
@@ -52,8 +53,10 @@ def test_plot_shows_the_newest_run_of_each_dtype(tmp_path):
         writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    shown = sorted((r["dtype"], r["commit"], r["n_pairs"], r["ms_p50"]) for r in plot.newest_rows(str(path)))
-    assert shown == [("bf16", "new", "8", "5.0"), ("fp32", "old", "8", "3.0")]
+    shown = plot.newest_rows(str(path))
+    assert sorted((r["dtype"], r["n_pairs"], r["commit"], r["ms_p50"]) for r in shown) == [
+        ("bf16", "24", "old", "2.0"), ("bf16", "8", "new", "5.0"), ("fp32", "8", "old", "3.0")]
+    assert plot.commits_newest_first([r for r in shown if r["dtype"] == "bf16"]) == ["new", "old"]
     assert len(plot.plot_file(str(path))) == 2
 
 
