@@ -164,28 +164,26 @@ def test_build_recorded_its_torch():
     assert _build_info.TORCH_VERSION == torch.__version__
 
 
-@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
-def test_extension_of_another_copy_is_not_loaded(tmp_path):
-    """An editable install maps its own _C into an ncrl_kernels imported from anywhere else
-    (setuptools' finder answers where the package's directory has none; make gpu-check's phases
-    that run from a source tree meet it, as does a second checkout): that _C, built from other
-    sources and perhaps for another torch, is not loaded, and the warning says why. Here a copy of
-    the package without _C, in a fresh process with a finder that maps _C to this build, as
-    setuptools' does."""
+def import_a_copy(tmp_path, leave_out, mapped):
+    """In a fresh process, import a copy of the package (its files but those whose names start
+    with one of `leave_out`) with a finder that answers for the modules `mapped` (name ->
+    directory) where the copy has none, as setuptools' editable finder does for an install
+    elsewhere: (the __init__.py imported, LOAD_ERROR, whether _C loaded)."""
     package = pathlib.Path(ncrl_kernels.__file__).parent
-    copy = tmp_path / "ncrl_kernels"
-    copy.mkdir()
+    copy = tmp_path / "copy" / "ncrl_kernels"
+    copy.mkdir(parents=True)
     for path in package.iterdir():
-        if not path.name.startswith("_C") and path.name != "__pycache__":
+        if not path.name.startswith((*leave_out, "__pycache__")):
             (copy / path.name).symlink_to(path)
     code = (
         "import importlib.machinery, sys, warnings\n"
-        "class EditableFinder:\n"
+        f"MAPPED = {mapped!r}\n"
+        "class EditableFinder:  # first, before an editable install of this checkout, if any\n"
         "    @staticmethod\n"
         "    def find_spec(name, path=None, target=None):\n"
-        "        if name == 'ncrl_kernels._C':\n"
-        f"            return importlib.machinery.PathFinder.find_spec(name, [{str(package)!r}])\n"
-        "sys.meta_path.append(EditableFinder)\n"
+        "        if name in MAPPED and importlib.machinery.PathFinder.find_spec(name, path) is None:\n"
+        "            return importlib.machinery.PathFinder.find_spec(name, [MAPPED[name]])\n"
+        "sys.meta_path.insert(0, EditableFinder)\n"
         "warnings.simplefilter('ignore')\n"
         "import ncrl_kernels\n"
         "from ncrl_kernels import _extension\n"
@@ -193,14 +191,38 @@ def test_extension_of_another_copy_is_not_loaded(tmp_path):
         "print(_extension.LOAD_ERROR)\n"
         "print('ncrl_kernels._C' in sys.modules)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), PYTHONSAFEPATH="1")
+    env = dict(os.environ, PYTHONPATH=str(copy.parent), PYTHONSAFEPATH="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     imported, error, loaded = out.stdout.splitlines()[-3:]
     assert imported == str(copy / "__init__.py")
-    assert f"{package}/_C" in error and f"is not in this package's directory {copy}" in error
-    assert loaded == "False"
+    return error, loaded == "True"
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
+def test_extension_of_another_copy_is_not_loaded(tmp_path):
+    """An editable install maps its own _C into an ncrl_kernels imported from anywhere else
+    (setuptools' finder answers where the package's directory has none; make gpu-check's phases
+    that run from a source tree meet it, as does a second checkout): that _C, built from other
+    sources and perhaps for another torch, is not loaded, and the warning says why. Here a copy of
+    the package without _C, whose _C the finder maps to this build."""
+    package = pathlib.Path(ncrl_kernels.__file__).parent
+    error, loaded = import_a_copy(tmp_path, ("_C",), {"ncrl_kernels._C": str(package)})
+    assert f"{package}/_C" in error and f"is not in this package's directory {tmp_path / 'copy'}" in error
+    assert not loaded
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
+def test_build_record_of_another_copy_is_not_read(tmp_path):
+    """Nor is another copy's build record read for the package's own _C (here one that says it was
+    built for another torch, which would keep the _C from loading): a _C without a record of its
+    own loads unchecked, as builds from before the records do."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "_build_info.py").write_text("TORCH_VERSION = '2.0.0+old'\nCUDA_ARCHS = None\n")
+    error, loaded = import_a_copy(tmp_path, ("_build_info",), {"ncrl_kernels._build_info": str(elsewhere)})
+    assert error == "None" and loaded
 
 
 def test_extension_built_for_another_torch_is_not_loaded():
