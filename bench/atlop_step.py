@@ -3,7 +3,10 @@
 a BERT-base-sized encoder (random weights: nothing is downloaded), forward + backward of one
 batch, with the fused head + NCRL against the unfused reference head (ATLOP's code path, which
 builds the [pairs, E*B] feature), and with a free head (the encoder and extractors alone), which
-gives the head's share of the step.
+gives the head's share of the step. The three take turns, round after round
+(`harness.interleaved`): a step here is mostly the encoder and host work, whose time drifts by
+more than the head takes (the H200 run at fe98866), so the head's share is the median of each
+round's difference to the free head's step, and the speed-up the median of each round's ratio.
 
 Batches: "docred" = 4 documents of 512 tokens with 20 entities each (380 ordered pairs per
 document, DocRED's average), and "pairs" = 4 documents with 32 entities each (3968 pairs), the
@@ -17,8 +20,11 @@ provider = fused-<backend> / eager / encoder-only, mode = "step", n_pairs = the 
 """
 import argparse
 import contextlib
+import functools
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -98,8 +104,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", nargs="+", choices=sorted(BATCHES), default=["docred", "pairs"])
     p.add_argument("--layers", type=int, help=f"encoder layers (default: 12, BERT-base; --tiny: {TINY_LAYERS})")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case (at least)")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=5, help="rounds of timed steps (at least; each provider steps once "
+                   "per round)")
+    p.add_argument("--seconds", type=float, default=5.0, help="more rounds (up to 100) while a batch's rounds "
+                   "took under this time")
     p.add_argument("--results", help=f"directory of the CSV (default: {harness.RESULTS_DIR}; --tiny: none, rows are "
                                      "only printed unless this is given)")
     p.add_argument("--tiny", action="store_true", help="a small encoder and batch: a smoke test, not a measurement")
@@ -120,27 +128,40 @@ def main(argv=None):
         documents, entities = (TINY_BATCHES if args.tiny else BATCHES)[batch_name]
         batch = make_batch(documents, entities, device, tokens=64 if args.tiny else TOKENS)
         n_pairs = sum(len(h) for h in batch["hts"])
-        times = {}
+        steps = {}
         for provider, backend in providers.items():
             model = make_model(args, device, backend)
             if provider == "encoder-only":
                 model.bilinear = FreeHead()
-            step = step_fn(model, batch, autocast_dtype, device)
-            times[provider] = harness.time_ms(step, device, min_reps=args.steps, budget_s=args.seconds, warmup=1)
+            steps[provider] = step_fn(model, batch, autocast_dtype, device)
+
+        def timed(step):
+            harness.synchronize(device)
+            start = time.perf_counter()
+            step(None)
+            harness.synchronize(device)
+            return (time.perf_counter() - start) * 1e3
+
+        times = harness.interleaved({p: functools.partial(timed, step) for p, step in steps.items()},
+                                    min_rounds=args.steps, budget_s=args.seconds)
+        for provider, step in steps.items():
+            p50, p20, p80 = harness.spread(times[provider])
             peak = harness.peak_extra_mib(step, device) if device.type == "cuda" else float("nan")
             rows.append(dict(kernel=f"atlop_step_{batch_name}", provider=provider, mode="step", dtype=dtype_name,
-                             n_pairs=n_pairs, emb=768, block=64, classes=CLASSES, ms_p50=round(times[provider][0], 2),
-                             ms_p20=round(times[provider][1], 2), ms_p80=round(times[provider][2], 2),
-                             peak_mem_mib=round(peak, 1), device=name, commit=commit, timestamp=stamp))
-            print(f"  {batch_name:7s} {n_pairs:5d} pairs  {provider:14s} {times[provider][0]:9.1f} ms"
+                             n_pairs=n_pairs, emb=768, block=64, classes=CLASSES, ms_p50=round(p50, 2),
+                             ms_p20=round(p20, 2), ms_p80=round(p80, 2), peak_mem_mib=round(peak, 1), device=name,
+                             commit=commit, timestamp=stamp))
+            print(f"  {batch_name:7s} {n_pairs:5d} pairs  {provider:14s} {p50:9.1f} ms [{p20:.1f}, {p80:.1f}]"
                   + (f"  peak extra {peak:7.0f} MiB" if device.type == "cuda" else ""), flush=True)
-            del model
-        base = times["encoder-only"][0]
+        del steps
+        rounds = len(times["eager"])
         for provider in (f"fused-{fused}", "eager"):
-            head = times[provider][0] - base
-            print(f"  {batch_name:7s} {provider:14s} head + loss {head:8.1f} ms = {100 * head / times[provider][0]:4.1f}%"
-                  " of the step")
-        print(f"  {batch_name:7s} step: fused {times['eager'][0] / times[f'fused-{fused}'][0]:.2f}x faster than eager")
+            head = harness.spread([a - b for a, b in zip(times[provider], times["encoder-only"])])
+            print(f"  {batch_name:7s} {provider:14s} head + loss {head[0]:8.1f} ms [{head[1]:.1f}, {head[2]:.1f}] = "
+                  f"{100 * head[0] / statistics.median(times[provider]):4.1f}% of the step")
+        ratio = harness.spread([a / b for a, b in zip(times["eager"], times[f"fused-{fused}"])])
+        print(f"  {batch_name:7s} step: fused {ratio[0]:.2f}x faster than eager [{ratio[1]:.2f}, {ratio[2]:.2f}], "
+              f"median over {rounds} rounds")
     if args.results is None and args.tiny:
         print("not written: --tiny is a smoke test (pass --results DIR to keep its rows)")
         return rows

@@ -129,13 +129,79 @@ def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, w
         elapsed = time.perf_counter() - t0
         times.append(elapsed * 1e3)
         spent += elapsed
-    if len(times) == 1:
-        return times[0], times[0], times[0]
     return spread(times)
 
 
+# The suffix of a provider's rows timed as GraphedStep replays (bench/run.py --cuda-graphs).
+GRAPH = "+graph"
+
+
+class GraphedStep:
+    """`fn(setup())` captured into a CUDA graph on its first call, then replayed on every call: the
+    step's GPU time without the host's (the host only launches the graph). The capture follows
+    torch.cuda.graphs' whole-network recipe: warm-up runs on a side stream, then the capture;
+    everything the step allocates lives in the graph's own memory pool from then on.
+    `peak_mib` is the capture's peak extra memory (what the step needs, as peak_extra_mib measures
+    it for a step run normally)."""
+
+    WARMUP = 3
+
+    def __init__(self, fn, setup, device):
+        self.fn, self.setup, self.device = fn, setup, device
+        self.graph, self.peak_mib = None, None
+
+    def __call__(self, _):
+        if self.graph is None:
+            self.graph = self._capture()
+        self.graph.replay()
+
+    def _capture(self):
+        fn, setup, device = self.fn, self.setup, self.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                fn(setup() if setup else None)
+        torch.cuda.current_stream(device).wait_stream(side)
+        state = setup() if setup else None
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(state)
+        synchronize(device)
+        self.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return graph
+
+
+def interleaved(measures, *, min_rounds, budget_s=0.0, max_rounds=100, warmup_rounds=1):
+    """{name: [one value per round]} of `measures` (name -> a function that measures once and
+    returns the value): every measure runs once per round, each first in turn, so that drift and
+    order effects on a noisy machine hit them alike, and a round's values can be compared pair by
+    pair. At least `min_rounds` rounds, more while the rounds took under `budget_s` seconds (up to
+    `max_rounds`), after `warmup_rounds` rounds that are not kept."""
+    names = list(measures)
+    values = {name: [] for name in names}
+    start, round_ = time.perf_counter(), 0
+    while True:
+        kept = round_ - warmup_rounds
+        if kept >= min_rounds and (kept >= max_rounds or time.perf_counter() - start >= budget_s):
+            return values
+        first = round_ % len(names)
+        for name in names[first:] + names[:first]:
+            value = measures[name]()
+            if kept >= 0:
+                values[name].append(value)
+        if kept < 0:
+            start = time.perf_counter()  # the budget counts the kept rounds
+        round_ += 1
+
+
 def spread(values):
-    """Median, 20th and 80th percentile of `values` (at least two)."""
+    """Median, 20th and 80th percentile of `values` (all three the value itself if there is one)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=10, method="inclusive")
     return statistics.median(values), q[1], q[7]
 

@@ -27,6 +27,7 @@ Rows go to bench/results/<device>-launch.csv.
 """
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -227,14 +228,13 @@ def measure(args):
     noisy machine hit them alike."""
     step, (n, emb, block, classes) = make_step(torch.bfloat16)
     routes = {"stubbed": harness.NoLaunch, "jit_run": lambda kernel: kernel, "lean": _launch.launcher}
-    times = {name: [] for name in routes}
-    order = list(routes)
-    for round_ in range(args.repeats + 1):
-        for name in order[round_ % 3:] + order[:round_ % 3]:  # each route first in turn
-            with harness.triton_launches_through(routes[name]):
-                elapsed = harness.batch_us(DEVICE, step, args.steps)
-            if round_:  # the first round warms up
-                times[name].append(elapsed)
+
+    def batch_through(launcher):
+        with harness.triton_launches_through(launcher):
+            return harness.batch_us(DEVICE, step, args.steps)
+
+    times = harness.interleaved({name: functools.partial(batch_through, launcher) for name, launcher in routes.items()},
+                                min_rounds=args.repeats)
     commit, stamp = harness.git_commit(), harness.timestamp()
     rows = []
     for name, values in times.items():

@@ -76,9 +76,12 @@ def plot_file(path):
                               and r["dtype"] == dtype), key=lambda r: int(r["n_pairs"]))
                 if not sel:
                     continue
-                style = STYLE.get(provider, "^-")
+                base = provider.removesuffix(harness.GRAPH)
+                style = STYLE.get(base, "^-")
+                if provider != base:  # replayed from a CUDA graph: the same marker, dashed
+                    style = style.rstrip("-:") + "--"
                 plot_points(axes[0][col], sel, "ms_p50", style, provider, commits[0])
-                if provider != "gemm-bound":  # its memory is the pre-built feature's GEMM outputs
+                if base != "gemm-bound":  # its memory is the pre-built feature's GEMM outputs
                     plot_points(axes[1][col], sel, "peak_mem_mib", style, provider, commits[0])
             axes[0][col].set_title(f"{mode} ({dtype})")
             axes[0][col].set_ylabel("median time (ms)")

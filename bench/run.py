@@ -9,6 +9,11 @@ checks every provider's loss against eager's, and appends rows to bench/results/
 
     python bench/run.py                       # CPU defaults: N = 512 2048 4096, fp32, + N=16384 fused
     python bench/run.py --device cuda --n 1024 4096 16384 --dtypes fp32 bf16
+    python bench/run.py --n 4096 --dtypes bf16 --modes fwd_bwd --cuda-graphs   # + GPU time alone
+
+With --cuda-graphs (CUDA), each provider's fwd_bwd step is also captured whole in a CUDA graph and
+replayed (rows "<provider>+graph"): its GPU time without the host's, which a benchmark that waits
+for every step otherwise measures where the host is slower than the GPU (docs/triton.md).
 """
 import argparse
 import concurrent.futures
@@ -90,11 +95,11 @@ def recorded_name(provider):
     """The provider's name in the rows: 'fused-triton-jit' for fused-triton launched through
     Triton's JITFunction.run (NCRL_KERNELS_LEAN_LAUNCH=0; make gpu-check sets it where LeanLaunch
     fails its check), whose launches cost the host more than the default's."""
-    if provider == "fused-triton":
+    if provider.removesuffix(harness.GRAPH) == "fused-triton":
         from ncrl_kernels.triton_kernels import _launch
 
         if not _launch.LEAN:
-            return "fused-triton-jit"
+            return provider.replace("fused-triton", "fused-triton-jit")
     return provider
 
 
@@ -189,6 +194,10 @@ def jobs(args, device, providers, steps, refused=None):
                     job = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
                            else loss_job(steps[provider], case, mode, device, autocast_dtype))
                     yield (dtype_name, n, mode, provider), job
+                    if args.cuda_graphs and mode == "fwd_bwd":
+                        setup, fn = job
+                        graphed = harness.GraphedStep(fn, setup, device)
+                        yield (dtype_name, n, mode, provider + harness.GRAPH), (None, graphed)
             del case
 
 
@@ -237,7 +246,8 @@ def run(args):
         reps = args.reps if n != args.large_n else 2
         try:
             timing = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
-            peak = harness.peak_extra_mib(fn, device, setup) if device.type == "cuda" else None
+            peak = (fn.peak_mib if isinstance(fn, harness.GraphedStep) else harness.peak_extra_mib(fn, device, setup)
+                    if device.type == "cuda" else None)
         except Exception as error:  # e.g. a backward that fails: the other providers' rows still count
             refused[dtype_name, n, provider] = f"{mode} failed: {type(error).__name__}: {error}"
             print(f"  {dtype_name:5s} N={n:6d} {provider}: {refused[dtype_name, n, provider]}: not benchmarked further",
@@ -265,7 +275,8 @@ def run(args):
 
 
 def print_summary(rows):
-    """Per (dtype, N, mode): each fused provider against eager and compiled."""
+    """Per (dtype, N, mode): each fused provider against eager and compiled (a "+graph" row against
+    theirs)."""
     key = lambda r: (r["dtype"], r["n_pairs"], r["mode"])  # noqa: E731
     groups = {}
     for r in rows:
@@ -275,14 +286,16 @@ def print_summary(rows):
         for name, r in by.items():
             if not name.startswith("fused-"):
                 continue
-            parts = [f"{dtype:5s} N={n:6d} {mode:8s} {name:14s} {r['ms_p50']:9.1f} ms"]
-            for other in ("eager", "compiled"):
-                if other in by:
-                    parts.append(f"{by[other]['ms_p50'] / r['ms_p50']:5.2f}x vs {other}")
-            if "gemm-bound" in by:
-                parts.append(f"{r['ms_p50'] / by['gemm-bound']['ms_p50']:5.2f}x gemm-bound time")
-            if "eager" in by and by["eager"]["peak_mem_mib"] > 0:
-                parts.append(f"mem {100 * r['peak_mem_mib'] / by['eager']['peak_mem_mib']:5.1f}% of eager")
+            suffix = harness.GRAPH if name.endswith(harness.GRAPH) else ""
+            eager, compiled, gemm_bound = (by.get(other + suffix) for other in ("eager", "compiled", "gemm-bound"))
+            parts = [f"{dtype:5s} N={n:6d} {mode:8s} {name:20s} {r['ms_p50']:9.2f} ms"]
+            for other_name, other in (("eager", eager), ("compiled", compiled)):
+                if other:
+                    parts.append(f"{other['ms_p50'] / r['ms_p50']:5.2f}x vs {other_name}{suffix}")
+            if gemm_bound:
+                parts.append(f"{r['ms_p50'] / gemm_bound['ms_p50']:5.2f}x gemm-bound time")
+            if eager and eager["peak_mem_mib"] > 0:
+                parts.append(f"mem {100 * r['peak_mem_mib'] / eager['peak_mem_mib']:5.1f}% of eager")
             parts.append(f"({r['peak_mem_mib']:.0f} MiB)")
             print("  " + "  ".join(parts))
 
@@ -299,6 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="PROVIDER",
                    help=f"any of {', '.join(PROVIDERS)} (default: every one available on the device)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA: also time each provider's fwd_bwd step "
+                   "captured in a CUDA graph and replayed (rows '<provider>+graph'): GPU time without the host's")
     p.add_argument("--reps", type=int, default=5, help="minimum timed repetitions")
     p.add_argument("--seconds", type=float, default=3.0, help="keep repeating (up to 100) while under this time")
     p.add_argument("--emb", type=int, default=768)
@@ -307,6 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--results", default=harness.RESULTS_DIR, help="directory of the CSV files")
     args = p.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
+    if args.cuda_graphs and not on_cuda:
+        p.error("--cuda-graphs needs --device cuda (CUDA graphs capture GPU work)")
     args.n = args.n or ([1024, 4096, 16384] if on_cuda else [512, 2048, 4096])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     if args.large_n is None:

@@ -72,6 +72,53 @@ def test_rows_name_the_triton_launch_path(monkeypatch):
                                                                                      "eager"]
 
 
+def test_interleaved_takes_turns():
+    """Every measure once per round, each first in turn; the warm-up round is not kept, so a
+    round's values pair up across measures."""
+    calls = []
+    measures = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
+    values = harness.interleaved(measures, min_rounds=3)
+    assert "".join(calls) == "abc" "bca" "cab" "abc"
+    assert values == {"a": [6, 8, 10], "b": [4, 9, 11], "c": [5, 7, 12]}
+
+
+def test_cuda_graph_rows_need_cuda():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", "--cuda-graphs"])
+
+
+def test_summary_compares_graph_rows_with_graph_rows(capsys):
+    """A '+graph' row (a CUDA graph replay: GPU time alone) is compared with the other providers'
+    replays, never with their host-bound wall times."""
+    def row(provider, ms, mib):
+        return dict(dtype="bf16", n_pairs=4096, mode="fwd_bwd", provider=provider, ms_p50=ms, peak_mem_mib=mib)
+
+    run.print_summary([row("eager", 4.0, 1000.0), row("compiled", 1.5, 400.0), row("fused-triton", 1.0, 50.0),
+                       row("eager+graph", 3.0, 900.0), row("compiled+graph", 0.8, 400.0),
+                       row("fused-triton+graph", 0.5, 45.0)])
+    lines = {line.split()[4]: line for line in capsys.readouterr().out.splitlines() if "fwd_bwd" in line}
+    assert "4.00x vs eager " in lines["fused-triton"] and "1.50x vs compiled " in lines["fused-triton"]
+    assert "5.0% of eager" in lines["fused-triton"]
+    assert "6.00x vs eager+graph" in lines["fused-triton+graph"]
+    assert "1.60x vs compiled+graph" in lines["fused-triton+graph"]
+    assert "5.0% of eager" in lines["fused-triton+graph"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_cuda_graph_rows(tmp_path):
+    """bench/run.py --cuda-graphs on a GPU: every provider's fwd_bwd step also replayed from a CUDA
+    graph (a provider whose step cannot be captured would be reported, and the run would fail).
+    Without `compiled`, whose cold compile make gpu-check's bench phase pays once."""
+    args = run.parse_args(["--n", "64", "--dtypes", "bf16", "--modes", "fwd_bwd", "--reps", "2", "--seconds", "0",
+                           "--providers", "eager", "gemm-bound", "fused-triton", "--cuda-graphs",
+                           "--results", str(tmp_path)])
+    rows = run.run(args)
+    providers = {r["provider"] for r in rows}
+    assert {p + harness.GRAPH for p in providers if not p.endswith(harness.GRAPH)} <= providers
+    assert all(r["peak_mem_mib"] > 0 for r in rows if r["provider"].endswith(harness.GRAPH))
+
+
 def test_bench_refuses_a_wrong_provider(monkeypatch, tmp_path):
     wrong = lambda case: run.make_step("eager")(case) * 1.1  # noqa: E731
     monkeypatch.setattr(run, "make_step", lambda p: wrong if p == "fused-cpp" else run.loss_provider("reference"))

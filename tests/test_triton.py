@@ -380,6 +380,42 @@ def test_docred_bitwise_deterministic(dtype, symmetric):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_cuda_graph_replays_the_step(autocast):
+    """A whole training step (forward, backward() and the gradients) captured in a CUDA graph, as
+    torch.cuda.graphs documents it, replays to the bits of the same step launched normally: what
+    lets a user take the host out of a step (docs/triton.md: on the H200 a bf16 step at N=4096
+    took 0.56 ms replayed against 1.10 ms launched). Nothing in the step may synchronise or
+    allocate outside the graph's pool."""
+    hs, ts, weight, bias, labels = docred_inputs(n=1024)
+    params = leaves(hs, ts, weight, bias)
+
+    def step():
+        for p in params:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = ncrl_kernels.fused_ncrl(*params, labels, block_size=DOCRED[2], backend="triton")
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        want = [step()] + [p.grad.clone() for p in params]
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for p in params:
+        p.grad.zero_()
+    graph.replay()
+    for name, a, b in zip(("loss", "d_hs", "d_ts", "d_weight", "d_bias"), [loss] + [p.grad for p in params], want):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
 def test_tf32x3_accuracy(symmetric):
     """fp32 at PyTorch's default precision runs as 3xTF32, which docs/spec.md allows if its error
