@@ -162,7 +162,7 @@ def accuracy(args, device, kind, symmetric):
         leaves = [t.detach().to(dt).requires_grad_() for t in (x.hs, x.ts, x.weight, bias)]
         loss, logits = ncrl_kernels.fused_ncrl(*leaves, labels, backend=backend, **kw)
         loss.backward()
-        return [loss.detach(), logits.detach()] + [t.grad for t in leaves[:3]]
+        return [loss.detach(), logits.detach()] + [t.grad for t in leaves]
 
     old = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
@@ -172,7 +172,7 @@ def accuracy(args, device, kind, symmetric):
         eager = run("reference", dtype)
     finally:
         torch.backends.cuda.matmul.fp32_precision = old
-    names = ("loss", "logits", "d hs", "d ts", "d weight")
+    names = ("loss", "logits", "d hs", "d ts", "d weight", "d bias")
     parts = [f"{name} {rel_diff(a, w):.1e} (eager {rel_diff(e, w):.1e})" for name, a, e, w in zip(names, got, eager, want)]
     print(f"  accuracy {kind:6s} sym={int(symmetric)} N={n}: max|triton - fp64| / max|fp64|: " + ", ".join(parts),
           flush=True)

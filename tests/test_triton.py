@@ -31,7 +31,6 @@ pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
 CUDA = torch.cuda.is_available()
 DOCRED = (4096, 768, 64, 97)
-FP32_ULP = 2.0**-23  # fp32's relative spacing at 1
 
 
 def triton_devices():
@@ -420,10 +419,11 @@ def test_cuda_graph_replays_the_step(autocast):
 def test_tf32x3_accuracy(symmetric):
     """fp32 at PyTorch's default precision runs as 3xTF32, which docs/spec.md allows if its error
     against fp64 is at most twice eager fp32's (cuBLAS, IEEE): logits and every gradient, as the
-    norm of the error relative to the norm of the fp64 result. d bias is no tensor-core product but
-    a sum of d logits over the pairs, where eager's errors cancel to well under an fp32 ulp and the
-    kernels' do not (the H200, symmetric head: 1.4e-7 against eager's 3.8e-8); docs/spec.md bounds
-    it by two fp32 ulps where that is more than twice eager's."""
+    norm of the error relative to the norm of the fp64 result. d bias, a sum of d logits over the
+    pairs, is the one where errors that repeat add up instead of cancelling: with the loss's
+    divisions approximate (the mean's 1/N the same for every d logit), it had 3.6x eager's error
+    on the H200 (1.4e-7 against 3.8e-8, symmetric head), which loss_rows' correctly rounded
+    divisions and libdevice exp are to remove (not yet run on a GPU)."""
     hs, ts, weight, bias, labels = docred_inputs(n=1024)
     kw = dict(block_size=DOCRED[2], symmetric=symmetric, gamma=0.05)
     want = run_fused("reference", *fp64(hs, ts, weight, bias, same_device=True), labels, **kw)
@@ -435,8 +435,7 @@ def test_tf32x3_accuracy(symmetric):
 
     for name, a, b, e in zip(RESULT_NAMES, got, eager, want):
         if name != "loss":  # a scalar: its rounding error is noise, not a measure
-            bound = max(2 * error(b, e), 2 * FP32_ULP if name == "d_bias" else 0.0)
-            assert error(a, e) <= bound, f"{name}: 3xTF32 {error(a, e):.2e}, eager fp32 {error(b, e):.2e}"
+            assert error(a, e) <= 2 * error(b, e), f"{name}: 3xTF32 {error(a, e):.2e}, eager fp32 {error(b, e):.2e}"
 
 
 @pytest.mark.gpu
