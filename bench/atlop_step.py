@@ -4,9 +4,11 @@ a BERT-base-sized encoder (random weights: nothing is downloaded), forward + bac
 batch, with the fused head + NCRL against the unfused reference head (ATLOP's code path, which
 builds the [pairs, E*B] feature), and with a free head (the encoder and extractors alone), which
 gives the head's share of the step. The three take turns, round after round
-(`harness.interleaved`): a step here is mostly the encoder and host work, whose time drifts by
-more than the head takes (the H200 run at fe98866), so the head's share is the median of each
-round's difference to the free head's step, and the speed-up the median of each round's ratio.
+(`harness.interleaved`): a step here is mostly the encoder and host work, whose time varies from
+step to step by more than the head takes (on the H200 at fe98866 a provider's 20th-80th
+percentile spanned 22-57 ms), so the head's time is taken pair by pair, the step's minus the free
+head's step of the same round (rows of mode "head"; this cancels slow drift, not the step-to-step
+jitter, which only more rounds average out), and the speed-up is the median of the rounds' ratios.
 
 Batches: "docred" = 4 documents of 512 tokens with 20 entities each (380 ordered pairs per
 document, DocRED's average), and "pairs" = 4 documents with 32 entities each (3968 pairs), the
@@ -16,7 +18,9 @@ pair-heavy end of DocRED batches.
     python bench/atlop_step.py --layers 2 --steps 2  # a smaller encoder: the head's share grows
 
 Rows go to bench/results/<device>-atlop-step.csv (bench/run.py's columns; kernel = the batch,
-provider = fused-<backend> / eager / encoder-only, mode = "step", n_pairs = the batch's pairs).
+provider = fused-<backend> / eager / encoder-only, n_pairs = the batch's pairs; mode = "step": the
+whole step's time, or "head": the paired differences to encoder-only's step, and the difference of
+the peak memory).
 """
 import argparse
 import contextlib
@@ -24,7 +28,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -44,7 +47,7 @@ TINY_LAYERS = 2
 POSITIVE_PAIR_RATE = 0.03
 
 
-def make_model(args, device, backend):
+def make_model(args, device, backend, free_head=False):
     import transformers
 
     torch.manual_seed(0)
@@ -53,6 +56,8 @@ def make_model(args, device, backend):
     config.transformer_type = "bert"
     config.cls_token_id, config.sep_token_id = 101, 102
     model = DocREModel(config, transformers.BertModel(config), 768, 64, num_labels=4, backend=backend)
+    if free_head:
+        model.bilinear = FreeHead()
     return model.to(device)
 
 
@@ -124,44 +129,43 @@ def main(argv=None):
     encoder = "tiny" if args.tiny else "BERT-base-sized"
     print(f"device {name}  commit {commit}  {encoder} encoder, {args.layers} layers, {dtype_name}")
     rows = []
+
+    def row(batch_name, n_pairs, provider, mode, spread, peak):
+        p50, p20, p80 = spread
+        return dict(kernel=f"atlop_step_{batch_name}", provider=provider, mode=mode, dtype=dtype_name, n_pairs=n_pairs,
+                    emb=768, block=64, classes=CLASSES, ms_p50=round(p50, 2), ms_p20=round(p20, 2),
+                    ms_p80=round(p80, 2), peak_mem_mib=round(peak, 1), device=name, commit=commit, timestamp=stamp)
+
     for batch_name in args.batches:
         documents, entities = (TINY_BATCHES if args.tiny else BATCHES)[batch_name]
         batch = make_batch(documents, entities, device, tokens=64 if args.tiny else TOKENS)
         n_pairs = sum(len(h) for h in batch["hts"])
-        steps = {}
-        for provider, backend in providers.items():
-            model = make_model(args, device, backend)
-            if provider == "encoder-only":
-                model.bilinear = FreeHead()
-            steps[provider] = step_fn(model, batch, autocast_dtype, device)
-
-        def timed(step):
-            harness.synchronize(device)
-            start = time.perf_counter()
-            step(None)
-            harness.synchronize(device)
-            return (time.perf_counter() - start) * 1e3
-
-        times = harness.interleaved({p: functools.partial(timed, step) for p, step in steps.items()},
+        steps = {provider: step_fn(make_model(args, device, backend, free_head=provider == "encoder-only"), batch,
+                                   autocast_dtype, device)
+                 for provider, backend in providers.items()}
+        times = harness.interleaved({p: functools.partial(harness.wall_ms, step, device) for p, step in steps.items()},
                                     min_rounds=args.steps, budget_s=args.seconds)
-        for provider, step in steps.items():
-            p50, p20, p80 = harness.spread(times[provider])
-            peak = harness.peak_extra_mib(step, device) if device.type == "cuda" else float("nan")
-            rows.append(dict(kernel=f"atlop_step_{batch_name}", provider=provider, mode="step", dtype=dtype_name,
-                             n_pairs=n_pairs, emb=768, block=64, classes=CLASSES, ms_p50=round(p50, 2),
-                             ms_p20=round(p20, 2), ms_p80=round(p80, 2), peak_mem_mib=round(peak, 1), device=name,
-                             commit=commit, timestamp=stamp))
-            print(f"  {batch_name:7s} {n_pairs:5d} pairs  {provider:14s} {p50:9.1f} ms [{p20:.1f}, {p80:.1f}]"
-                  + (f"  peak extra {peak:7.0f} MiB" if device.type == "cuda" else ""), flush=True)
+        peaks = {p: harness.peak_extra_mib(step, device) if device.type == "cuda" else float("nan")
+                 for p, step in steps.items()}
         del steps
+        for provider in providers:
+            p50, p20, p80 = harness.spread(times[provider])
+            rows.append(row(batch_name, n_pairs, provider, "step", (p50, p20, p80), peaks[provider]))
+            memory = f"  peak extra {peaks[provider]:7.0f} MiB" if device.type == "cuda" else ""
+            print(f"  {batch_name:7s} {n_pairs:5d} pairs  {provider:14s} {p50:9.1f} ms (rounds' 20th-80th percentile "
+                  f"{p20:.1f}-{p80:.1f}){memory}", flush=True)
+        # Paired within each round: the head's time is a step's minus the free head's step of the same round.
         rounds = len(times["eager"])
         for provider in (f"fused-{fused}", "eager"):
             head = harness.spread([a - b for a, b in zip(times[provider], times["encoder-only"])])
-            print(f"  {batch_name:7s} {provider:14s} head + loss {head[0]:8.1f} ms [{head[1]:.1f}, {head[2]:.1f}] = "
-                  f"{100 * head[0] / statistics.median(times[provider]):4.1f}% of the step")
-        ratio = harness.spread([a / b for a, b in zip(times["eager"], times[f"fused-{fused}"])])
-        print(f"  {batch_name:7s} step: fused {ratio[0]:.2f}x faster than eager [{ratio[1]:.2f}, {ratio[2]:.2f}], "
-              f"median over {rounds} rounds")
+            rows.append(row(batch_name, n_pairs, provider, "head", head, peaks[provider] - peaks["encoder-only"]))
+            share = 100 * head[0] / statistics.median(times[provider])
+            print(f"  {batch_name:7s} {provider:14s} head + loss {head[0]:8.1f} ms (rounds' 20th-80th percentile "
+                  f"{head[1]:.1f}-{head[2]:.1f}) = {share:4.1f}% of the step")
+        faster = sum(a > b for a, b in zip(times["eager"], times[f"fused-{fused}"]))
+        ratio = statistics.median(a / b for a, b in zip(times["eager"], times[f"fused-{fused}"]))
+        print(f"  {batch_name:7s} step: fused {ratio:.2f}x faster than eager (median of the rounds' ratios), "
+              f"faster in {faster} of {rounds} rounds")
     if args.results is None and args.tiny:
         print("not written: --tiny is a smoke test (pass --results DIR to keep its rows)")
         return rows

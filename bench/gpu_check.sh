@@ -10,9 +10,9 @@
 #      not, the rest runs with NCRL_KERNELS_LEAN_LAUNCH=0):
 #   2. decisive: N=4096 forward + backward, bf16 autocast and fp32 with TF32 on both sides
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
-#      eager, compiled and gemm-bound, time and peak memory, rows appended case by case, each step
-#      also replayed from a CUDA graph (rows "<provider>+graph": GPU time alone); then where a
-#      fused step's time goes (bench/step_profile.py: GPU kernels against host time),
+#      eager, compiled and gemm-bound, time and peak memory, rows appended case by case, the bf16
+#      steps also replayed from a CUDA graph (rows "<provider>+graph": GPU time alone); then where
+#      a fused step's time goes (bench/step_profile.py: GPU kernels against host time),
 #   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32;
 #      torch.compile, then every candidate config, last),
 #   4. once the build is done (or, at the latest, 250 s before the end of the budget; where it
@@ -187,7 +187,7 @@ run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...: pytest's status 
         note "tests $label: SKIPPED, pytest is not installed on this machine (no internet to install it)"
         return 0
     fi
-    : >"$LOGS/tests-$label.log"
+    [[ $DRY == 1 ]] || : >"$LOGS/tests-$label.log"  # a dry run keeps the last real run's logs
     run_for "$limit" "$expected" "$LOGS/tests-$label.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "$@"
     local status=$? result
     [[ $DRY == 1 ]] && return "$status"  # nothing ran
@@ -218,12 +218,13 @@ esac
 
 phase "decisive: N=4096 forward + backward, bf16 and TF32"
 BENCH=(bench/run.py --device cuda)
-# --cuda-graphs: each step also replayed from a CUDA graph, the GPU time without the host's (the
-# third run's host took twice the fused step's GPU time to issue it).
-DECISIVE=(--seconds 1 --n 4096 --modes fwd_bwd --providers fused-triton eager compiled gemm-bound --cuda-graphs)
-from_source run_for $(( $(left) - 400 )) 55 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" "${DECISIVE[@]}" --dtypes bf16
+DECISIVE=(--seconds 1 --n 4096 --modes fwd_bwd --providers fused-triton eager compiled gemm-bound)
+# bf16 with --cuda-graphs: each step also replayed from a CUDA graph, the GPU time without the
+# host's (the third run's host took twice the fused step's GPU time to issue it).
+from_source run_for $(( $(left) - 400 )) 55 "$LOGS/bench-bf16.log" "$PY" "${BENCH[@]}" "${DECISIVE[@]}" --dtypes bf16 \
+    --cuda-graphs
 note "decisive bf16 N=4096: status $? -> bench/results/$GPU.csv"
-from_source run_for $(( $(left) - 355 )) 45 "$LOGS/bench-fp32-tf32.log" env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
+from_source run_for $(( $(left) - 365 )) 35 "$LOGS/bench-fp32-tf32.log" env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
     "$PY" "${BENCH[@]}" "${DECISIVE[@]}" --dtypes fp32 --results bench/results/tf32
 note "decisive TF32 N=4096: status $? -> bench/results/tf32/$GPU.csv"
 from_source run_for $(( $(left) - 340 )) 12 "$LOGS/step-profile.log" "$PY" bench/step_profile.py --n 4096 \
@@ -264,7 +265,7 @@ note "IEEE fp32 N=4096 (the Triton backend runs 3xTF32): status $?"
 phase "a whole training step: bench/atlop_step.py"
 if [[ $DRY == 1 ]] || "$PY" -c "import transformers" 2>/dev/null; then
     # A first Triton compile in a new process hashes libtriton first: the third run's 40 s ran out there.
-    $PKG run_for $(( $(left) - 60 )) 60 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --steps 8 --seconds 3
+    $PKG run_for $(( $(left) - 60 )) 50 "$LOGS/atlop-step.log" "$PY" bench/atlop_step.py --steps 6 --seconds 2
     note "bench/atlop_step.py: status $? -> bench/results/$GPU-atlop-step.csv"
 else
     note "bench/atlop_step.py: SKIPPED, transformers is not installed on this machine"

@@ -119,17 +119,19 @@ def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, w
     for _ in range(warmup):
         fn(setup() if setup else None)
     synchronize(device)
-    times, spent = [], 0.0
-    while len(times) < min_reps or (spent < budget_s and len(times) < max_reps):
-        state = setup() if setup else None
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn(state)
-        synchronize(device)
-        elapsed = time.perf_counter() - t0
-        times.append(elapsed * 1e3)
-        spent += elapsed
+    times = []
+    while len(times) < min_reps or (sum(times) < budget_s * 1e3 and len(times) < max_reps):
+        times.append(wall_ms(fn, device, setup() if setup else None))
     return spread(times)
+
+
+def wall_ms(fn, device, state=None):
+    """Wall time of one `fn(state)` in ms, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn(state)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
 
 
 # The suffix of a provider's rows timed as GraphedStep replays (bench/run.py --cuda-graphs).
@@ -139,10 +141,10 @@ GRAPH = "+graph"
 class GraphedStep:
     """`fn(setup())` captured into a CUDA graph on its first call, then replayed on every call: the
     step's GPU time without the host's (the host only launches the graph). The capture follows
-    torch.cuda.graphs' whole-network recipe: warm-up runs on a side stream, then the capture;
+    torch.cuda.graphs' whole-network recipe: warm-up runs on a side stream, then the capture on
+    that stream (so that what the warm-up set up for it, such as a cuBLAS workspace, is reused);
     everything the step allocates lives in the graph's own memory pool from then on.
-    `peak_mib` is the capture's peak extra memory (what the step needs, as peak_extra_mib measures
-    it for a step run normally)."""
+    `peak_mib` is the capture's peak extra memory (peak_extra_mib, as for a step run normally)."""
 
     WARMUP = 3
 
@@ -157,21 +159,25 @@ class GraphedStep:
 
     def _capture(self):
         fn, setup, device = self.fn, self.setup, self.device
+        caller = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):
                 fn(setup() if setup else None)
-        torch.cuda.current_stream(device).wait_stream(side)
-        state = setup() if setup else None
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(state)
-        synchronize(device)
-        self.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+        def capture(state):
+            with torch.cuda.graph(graph, stream=side):
+                fn(state)
+
+        try:
+            self.peak_mib = peak_extra_mib(capture, device, setup)
+        except Exception as error:
+            # torch.cuda.graph leaves the capture stream current when its capture fails.
+            torch.cuda.set_stream(caller)
+            raise RuntimeError(f"CUDA graph capture failed: {type(error).__name__}: {error}") from error
         return graph
 
 

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd_bwd")
-STYLE = {"eager": "o-", "compiled": "s-", "gemm-bound": "kx:"}
+STYLE = {"eager": "o-", "compiled": "s-", "gemm-bound": "x:"}
+COLORS = {"gemm-bound": "k"}
 
 
 def is_bench_csv(path):
@@ -52,11 +53,21 @@ def commits_newest_first(rows):
     return list(dict.fromkeys(commits))
 
 
+def provider_style(provider, bases):
+    """(format, color) of a provider's line, the same in every panel: each provider of `bases` (the
+    sorted names without the "+graph" suffix) its marker and color; its rows replayed from a CUDA
+    graph (bench/run.py --cuda-graphs) its color with stars, dashed."""
+    base = provider.removesuffix(harness.GRAPH)
+    color = COLORS.get(base, f"C{bases.index(base)}")
+    return ("*--" if provider != base else STYLE.get(base, "^-")), color
+
+
 def plot_points(ax, rows, column, style, label, newest_commit):
     """One provider's line through `rows` (sorted by N), its points of commits older than
-    `newest_commit` hollow."""
+    `newest_commit` hollow; `style`: provider_style's (format, color)."""
     n = [int(r["n_pairs"]) for r in rows]
-    (line,) = ax.plot(n, [float(r[column]) for r in rows], style, label=label)
+    fmt, color = style
+    (line,) = ax.plot(n, [float(r[column]) for r in rows], fmt, color=color, label=label)
     older = [r for r in rows if r["commit"] != newest_commit]
     if older:
         ax.plot([int(r["n_pairs"]) for r in older], [float(r[column]) for r in older], linestyle="none",
@@ -65,6 +76,7 @@ def plot_points(ax, rows, column, style, label, newest_commit):
 
 def plot_file(path):
     rows = newest_rows(path)
+    bases = sorted({r["provider"].removesuffix(harness.GRAPH) for r in rows})
     outputs = []
     for dtype in sorted({r["dtype"] for r in rows}):
         commits = commits_newest_first([r for r in rows if r["dtype"] == dtype])
@@ -76,12 +88,9 @@ def plot_file(path):
                               and r["dtype"] == dtype), key=lambda r: int(r["n_pairs"]))
                 if not sel:
                     continue
-                base = provider.removesuffix(harness.GRAPH)
-                style = STYLE.get(base, "^-")
-                if provider != base:  # replayed from a CUDA graph: the same marker, dashed
-                    style = style.rstrip("-:") + "--"
+                style = provider_style(provider, bases)
                 plot_points(axes[0][col], sel, "ms_p50", style, provider, commits[0])
-                if base != "gemm-bound":  # its memory is the pre-built feature's GEMM outputs
+                if not provider.startswith("gemm-bound"):  # its memory is the pre-built feature's GEMM outputs
                     plot_points(axes[1][col], sel, "peak_mem_mib", style, provider, commits[0])
             axes[0][col].set_title(f"{mode} ({dtype})")
             axes[0][col].set_ylabel("median time (ms)")

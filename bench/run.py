@@ -190,12 +190,14 @@ def jobs(args, device, providers, steps, refused=None):
                     refused[dtype_name, n, name] = why
                 names = [p for p in names if (dtype_name, n, p) not in refused]
             for mode in (args.modes if n != args.large_n else ["fwd_bwd"]):
+                case_jobs = {}
                 for provider in names:
-                    job = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
-                           else loss_job(steps[provider], case, mode, device, autocast_dtype))
-                    yield (dtype_name, n, mode, provider), job
-                    if args.cuda_graphs and mode == "fwd_bwd":
-                        setup, fn = job
+                    case_jobs[provider] = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
+                                           else loss_job(steps[provider], case, mode, device, autocast_dtype))
+                    yield (dtype_name, n, mode, provider), case_jobs[provider]
+                # After every plain row of the case: a capture that fails cannot upset those.
+                if args.cuda_graphs and mode == "fwd_bwd":
+                    for provider, (setup, fn) in case_jobs.items():
                         graphed = harness.GraphedStep(fn, setup, device)
                         yield (dtype_name, n, mode, provider + harness.GRAPH), (None, graphed)
             del case
@@ -241,20 +243,24 @@ def run(args):
     timings, rows, refused = {}, [], {}
     for key, (setup, fn) in jobs(args, device, providers, steps, refused):
         dtype_name, n, mode, provider = key
-        if (dtype_name, n, provider) in refused:
+        if (dtype_name, n, provider.removesuffix(harness.GRAPH)) in refused:  # a graph of a refused step too
             continue
         reps = args.reps if n != args.large_n else 2
         try:
             timing = harness.time_ms(fn, device, setup, min_reps=reps, budget_s=args.seconds)
-            peak = (fn.peak_mib if isinstance(fn, harness.GraphedStep) else harness.peak_extra_mib(fn, device, setup)
-                    if device.type == "cuda" else None)
+            if isinstance(fn, harness.GraphedStep):
+                peak = fn.peak_mib  # a replay allocates nothing: the capture's peak
+            elif device.type == "cuda":
+                peak = harness.peak_extra_mib(fn, device, setup)
+            else:
+                peak = None  # measured in a process of its own, below
         except Exception as error:  # e.g. a backward that fails: the other providers' rows still count
             refused[dtype_name, n, provider] = f"{mode} failed: {type(error).__name__}: {error}"
             print(f"  {dtype_name:5s} N={n:6d} {provider}: {refused[dtype_name, n, provider]}: not benchmarked further",
                   flush=True)
             continue
         timings[key] = timing
-        line = "  {:5s} N={:6d} {:8s} {:14s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timing)
+        line = "  {:5s} N={:6d} {:8s} {:20s}".format(*key) + " {:10.2f} ms [{:.2f}, {:.2f}]".format(*timing)
         if peak is not None:
             rows.append(row(key, timing, peak))
             harness.append_rows(rows[-1:], device, args.results)
@@ -293,7 +299,7 @@ def print_summary(rows):
                 if other:
                     parts.append(f"{other['ms_p50'] / r['ms_p50']:5.2f}x vs {other_name}{suffix}")
             if gemm_bound:
-                parts.append(f"{r['ms_p50'] / gemm_bound['ms_p50']:5.2f}x gemm-bound time")
+                parts.append(f"{r['ms_p50'] / gemm_bound['ms_p50']:5.2f}x gemm-bound{suffix} time")
             if eager and eager["peak_mem_mib"] > 0:
                 parts.append(f"mem {100 * r['peak_mem_mib'] / eager['peak_mem_mib']:5.1f}% of eager")
             parts.append(f"({r['peak_mem_mib']:.0f} MiB)")
@@ -324,6 +330,8 @@ def parse_args(argv=None):
     on_cuda = torch.device(args.device).type == "cuda"
     if args.cuda_graphs and not on_cuda:
         p.error("--cuda-graphs needs --device cuda (CUDA graphs capture GPU work)")
+    if args.cuda_graphs and "fwd_bwd" not in args.modes:
+        p.error("--cuda-graphs replays fwd_bwd steps: add fwd_bwd to --modes")
     args.n = args.n or ([1024, 4096, 16384] if on_cuda else [512, 2048, 4096])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     if args.large_n is None:

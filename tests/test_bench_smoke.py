@@ -72,6 +72,22 @@ def test_rows_name_the_triton_launch_path(monkeypatch):
                                                                                      "eager"]
 
 
+def test_gpu_check_timeline_fits_its_budget():
+    """make gpu-check's dry run (its logic with every command's expected duration, no GPU): each
+    phase gets at least the time it expects, and the whole stays within the budget. A lent GPU
+    runs it once; a phase cut short there is lost for that loan."""
+    import re
+    import subprocess
+
+    script = os.path.join(os.path.dirname(BENCH), "bench", "gpu_check.sh")
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "GPU_CHECK_DRY_RUN": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not re.search(r"status 124|STOPPED|no time left", out.stdout), out.stdout[-3000:]
+    budget = int(re.search(r"of (\d+)s\)", out.stdout).group(1))
+    assert int(re.search(r"total (\d+)s", out.stdout).group(1)) <= budget
+
+
 def test_interleaved_takes_turns():
     """Every measure once per round, each first in turn; the warm-up round is not kept, so a
     round's values pair up across measures."""
@@ -85,6 +101,38 @@ def test_interleaved_takes_turns():
 def test_cuda_graph_rows_need_cuda():
     with pytest.raises(SystemExit):
         run.parse_args(["--device", "cpu", "--cuda-graphs"])
+
+
+def test_graph_jobs_come_after_the_plain_ones():
+    """--cuda-graphs: every provider's fwd_bwd step again as a CUDA graph replay, once the case's
+    plain rows are done (a capture that fails cannot upset them). Building the jobs touches no GPU."""
+    args = run.parse_args(["--device", "cpu", "--n", "8", "--large-n", "0", "--emb", "16", "--block", "4",
+                           "--classes", "5", "--modes", "fwd", "fwd_bwd", "--providers", "eager", "gemm-bound"])
+    args.cuda_graphs = True  # as on a GPU
+    keys = [key for key, _ in run.jobs(args, torch.device("cpu"), args.providers,
+                                       {"eager": run.make_step("eager")})]
+    assert [(mode, provider) for _, _, mode, provider in keys] == [
+        ("fwd", "eager"), ("fwd", "gemm-bound"), ("fwd_bwd", "eager"), ("fwd_bwd", "gemm-bound"),
+        ("fwd_bwd", "eager+graph"), ("fwd_bwd", "gemm-bound+graph")]
+
+
+def test_plot_draws_graph_rows_in_their_providers_colors(tmp_path):
+    bases = ["compiled", "eager", "fused-triton", "gemm-bound"]
+    for provider in bases:
+        plain, graph = plot.provider_style(provider, bases), plot.provider_style(provider + harness.GRAPH, bases)
+        assert plain[1] == graph[1] and plain[0] != graph[0]
+    assert len({plot.provider_style(p, bases)[1] for p in bases}) == len(bases)
+    path = tmp_path / "gpu.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
+        writer.writeheader()
+        for provider, ms in (("eager", 4.0), ("fused-triton", 1.4), ("eager+graph", 3.0), ("fused-triton+graph", 0.6)):
+            for n in (1024, 4096):
+                writer.writerow(dict(kernel=run.KERNEL, provider=provider, mode="fwd_bwd", dtype="bf16", n_pairs=n,
+                                     emb=768, block=64, classes=97, ms_p50=ms, ms_p20=ms, ms_p80=ms, peak_mem_mib=10,
+                                     device="gpu", commit="abc1234", timestamp="t"))
+    (png,) = plot.plot_file(str(path))
+    assert os.path.getsize(png) > 0
 
 
 def test_summary_compares_graph_rows_with_graph_rows(capsys):
@@ -107,9 +155,9 @@ def test_summary_compares_graph_rows_with_graph_rows(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_cuda_graph_rows(tmp_path):
-    """bench/run.py --cuda-graphs on a GPU: every provider's fwd_bwd step also replayed from a CUDA
-    graph (a provider whose step cannot be captured would be reported, and the run would fail).
-    Without `compiled`, whose cold compile make gpu-check's bench phase pays once."""
+    """bench/run.py --cuda-graphs on a GPU: the fwd_bwd step of eager, gemm-bound and fused-triton
+    also replayed from a CUDA graph (a step that cannot be captured would be reported, and the run
+    would fail). Not `compiled`, whose cold compile make gpu-check's bench phase pays once."""
     args = run.parse_args(["--n", "64", "--dtypes", "bf16", "--modes", "fwd_bwd", "--reps", "2", "--seconds", "0",
                            "--providers", "eager", "gemm-bound", "fused-triton", "--cuda-graphs",
                            "--results", str(tmp_path)])
@@ -182,16 +230,19 @@ def _measure_two_steps():
 
 
 def test_atlop_step_runs(tmp_path):
-    """bench/atlop_step.py end to end on a tiny encoder: a row per (batch, provider)."""
+    """bench/atlop_step.py end to end on a tiny encoder: a step row per (batch, provider), and a
+    head row (paired with the free head's steps) per (batch, head)."""
     pytest.importorskip("transformers")
     import atlop_step
 
     rows = atlop_step.main(["--device", "cpu", "--tiny", "--layers", "1", "--steps", "1", "--seconds", "0",
                             "--results", str(tmp_path)])
-    assert {(r["kernel"], r["provider"]) for r in rows} == {
-        (f"atlop_step_{batch}", provider) for batch in ("docred", "pairs")
-        for provider in ("fused-cpp", "eager", "encoder-only")}
-    assert all(r["ms_p50"] > 0 for r in rows)
+    batches = ("docred", "pairs")
+    assert {(r["kernel"], r["provider"], r["mode"]) for r in rows} == {
+        (f"atlop_step_{batch}", provider, "step") for batch in batches
+        for provider in ("fused-cpp", "eager", "encoder-only")} | {
+        (f"atlop_step_{batch}", provider, "head") for batch in batches for provider in ("fused-cpp", "eager")}
+    assert all(r["ms_p50"] > 0 for r in rows if r["mode"] == "step")  # a head's paired difference may be noise
 
 
 def test_host_path_runs(tmp_path):
