@@ -8,38 +8,9 @@ d(loss)/d(logits) identically.
 """
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from ._common import ATL, BCE, COMPILE_OPTIONS, HEAD_ONLY, NCRL, TRITON_INTERPRET, cdiv, padded
+from ._common import ATL, BCE, COMPILE_OPTIONS, HEAD_ONLY, NCRL, cdiv, padded
 from ._launch import launcher
-
-# The loss math rounds like PyTorch's eager fp32 math: divisions correctly rounded (_div: fp32 "/"
-# compiles to the approximate div.full.f32, 2 ulp) and exponentials from libdevice's expf, 2 ulp
-# (tl.exp compiles to CUDA's fast exp, ex2.approx.f32 of x * log2(e): 2 + 1.2|x| ulp). Their errors repeat for repeated operands, so in a sum over pairs they add up instead
-# of cancelling: on the H200, 3xTF32's d bias (a sum of d logits over the pairs) had 3.6x eager's
-# error, the d logits all divided by the same N. The interpreter has no libdevice; numpy's exp is
-# accurate there anyway.
-ACCURATE_EXP = tl.constexpr(not TRITON_INTERPRET)
-
-
-@triton.jit
-def _exp(x):
-    if ACCURATE_EXP:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def _div(a, b):
-    """a / b correctly rounded (the tensor `a` over a tensor or number `b`): div_rn takes fp32 only,
-    and an fp64 "/" is correctly rounded already."""
-    if a.dtype == tl.float32:
-        q = tl.math.div_rn(a, b)
-    else:
-        q = a / b
-    return q
 
 
 @triton.jit
@@ -49,16 +20,16 @@ def _log1p_small(e):
     classic correction log(u) * e / (u - 1) with u = 1 + e, exact where u rounds to 1."""
     u = 1.0 + e
     d = u - 1.0
-    return tl.where(d == 0.0, e, tl.log(u) * _div(e, tl.where(d == 0.0, 1.0, d)))
+    return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit
 def _logistic(x):
     """(sigmoid(x), sigmoid(-x), softplus(x), softplus(-x)) without cancellation or overflow."""
-    e = _exp(-tl.abs(x))
+    e = tl.exp(-tl.abs(x))
     l1p = _log1p_small(e)
-    big = _div(tl.zeros_like(e) + 1.0, 1.0 + e)  # sigmoid(|x|)
-    small = _div(e, 1.0 + e)  # sigmoid(-|x|)
+    big = 1.0 / (1.0 + e)  # sigmoid(|x|)
+    small = e / (1.0 + e)  # sigmoid(-|x|)
     nonneg = x >= 0.0
     sig = tl.where(nonneg, big, small)
     sig_neg = tl.where(nonneg, small, big)
@@ -81,7 +52,7 @@ def _margin_ce(m, y, GAMMA: tl.constexpr):
         q = sig_neg + gamma
         active = sig > gamma
         neg = tl.where(active, -tl.log(q), 0.0)
-        d_neg = tl.where(active, _div(sig * sig_neg, q), 0.0)
+        d_neg = tl.where(active, sig * sig_neg / q, 0.0)
     value = y * sp_neg + (1.0 - y) * neg
     grad = (1.0 - y) * d_neg - y * sig_neg
     return value, grad
@@ -91,7 +62,7 @@ def _margin_ce(m, y, GAMMA: tl.constexpr):
 def _masked_logsumexp(f, mask):
     """log sum_{k in mask} exp(f_k) per row (the mask always holds column 0)."""
     top = tl.max(tl.where(mask, f, float("-inf")), axis=1)
-    return top + tl.log(tl.sum(_exp(tl.where(mask, f - top[:, None], float("-inf"))), axis=1))
+    return top + tl.log(tl.sum(tl.exp(tl.where(mask, f - top[:, None], float("-inf"))), axis=1))
 
 
 @triton.jit
@@ -110,11 +81,11 @@ def loss_rows(f, y, cols, C: tl.constexpr, LOSS: tl.constexpr, GAMMA: tl.constex
         if MARGIN_REG:
             # ce(f0 - mean(f_1..f_K), y_0): the mean is not detached, each f_k gets 1/K of it.
             y0 = tl.sum(tl.where(is_none, y, 0.0), axis=1)
-            mean_rel = _div(tl.sum(tl.where(is_rel, f, 0.0), axis=1), C - 1.0)
+            mean_rel = tl.sum(tl.where(is_rel, f, 0.0), axis=1) / (C - 1)
             reg, d_reg = _margin_ce(f0 - mean_rel, y0, GAMMA)
             loss += reg
             d_f0 += d_reg
-            d_ce -= tl.where(is_rel, _div(d_reg, C - 1.0)[:, None], 0.0)
+            d_ce -= tl.where(is_rel, d_reg[:, None] / (C - 1), 0.0)
         grad = tl.where(is_none, d_f0[:, None], d_ce)
     elif LOSS == ATL:
         # -sum_{k in P} y_k log softmax_P(f)_k - log softmax_Q(f)_0, P = {0} + positives,
@@ -128,8 +99,8 @@ def loss_rows(f, y, cols, C: tl.constexpr, LOSS: tl.constexpr, GAMMA: tl.constex
         loss = lse_q - f0 + tl.sum(tl.where(pos, y * (lse_p[:, None] - f), 0.0), axis=1)
         # exp(f - lse) <= 1 inside each set; the clamp only keeps the columns outside it (whose
         # values are discarded below) from overflowing.
-        soft_p = n_pos[:, None] * _exp(tl.minimum(f - lse_p[:, None], 0.0))
-        soft_q = _exp(tl.minimum(f - lse_q[:, None], 0.0))
+        soft_p = n_pos[:, None] * tl.exp(tl.minimum(f - lse_p[:, None], 0.0))
+        soft_q = tl.exp(tl.minimum(f - lse_q[:, None], 0.0))
         grad = tl.where(pos, soft_p - y, tl.where(in_q, soft_q, 0.0))
         grad = tl.where(is_none, soft_p + soft_q - 1.0, grad)
     else:
@@ -176,7 +147,7 @@ def epilogue_kernel(
         y = tl.load(labels + at, mask=ok, other=0.0).to(f.dtype)
         loss, grad = loss_rows(f, y, cols, C, LOSS, GAMMA, MARGIN_REG)
         if MEAN:
-            grad = _div(grad, tl.maximum(N, 1).to(f.dtype))
+            grad = grad / tl.maximum(N, 1).to(f.dtype)
         tl.store(row_loss + rows, loss, mask=row_ok)
         tl.store(dlogits + at, grad, mask=ok)
 
