@@ -39,6 +39,8 @@ START=$(date +%s)
 VIRTUAL=0  # seconds a dry run pretends its commands took
 LOGS=bench/results/gpu-check-logs
 mkdir -p "$LOGS"
+# A real run starts with no logs (the phases append to theirs); a dry run keeps the last real run's.
+[[ $DRY == 1 ]] || rm -f "$LOGS"/*.log
 declare -a SUMMARY=()
 
 GPU="<gpu>"  # the results' file name, as bench/harness.py spells the device (set below)
@@ -74,6 +76,7 @@ on_exit() {
         kill -- "-$INSTALL_PID" 2>/dev/null || kill "$INSTALL_PID"
     fi
     pkill -TERM -P $$ 2>/dev/null
+    [[ -z "${SOURCE_TREE:-}" ]] || rm -rf "${SOURCE_TREE%/src}"
     return 0
 }
 trap on_exit EXIT
@@ -92,8 +95,9 @@ run_for() {
         local took=$(( expected < seconds ? expected : seconds ))
         echo "[dry run] limit ${seconds}s, takes ~${took}s: $*"
         VIRTUAL=$(( VIRTUAL + took ))
-        (( expected < seconds )) || return 124
-        return 0
+        (( expected < seconds )) && return 0
+        echo "[dry run] CUT: expects ${expected}s, gets ${seconds}s"
+        return 124
     fi
     timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$log"
     return "${PIPESTATUS[0]}"
@@ -187,7 +191,6 @@ run_tests() {  # run_tests LIMIT EXPECTED LABEL PYTEST-ARGS...: pytest's status 
         note "tests $label: SKIPPED, pytest is not installed on this machine (no internet to install it)"
         return 0
     fi
-    [[ $DRY == 1 ]] || : >"$LOGS/tests-$label.log"  # a dry run keeps the last real run's logs
     run_for "$limit" "$expected" "$LOGS/tests-$label.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "$@"
     local status=$? result
     [[ $DRY == 1 ]] && return "$status"  # nothing ran

@@ -24,7 +24,9 @@ import harness  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 STYLE = {"eager": "o-", "compiled": "s-", "gemm-bound": "x:"}
-COLORS = {"gemm-bound": "k"}
+# One color per provider in every plot (a provider's "+graph" rows too); others take the next ones.
+COLORS = {"eager": "C0", "compiled": "C1", "gemm-bound": "k", "fused-cpp": "C2", "fused-triton": "C3",
+          "fused-triton-jit": "C4", "fused-cuda": "C5"}
 
 
 def is_bench_csv(path):
@@ -35,7 +37,7 @@ def is_bench_csv(path):
 
 def newest_rows(path):
     """The newest row of each (provider, mode, dtype, N) among the plotted modes (a whole training
-    step, bench/atlop_step.py's mode "step", has no N axis to plot against)."""
+    step, bench/atlop_step.py's modes "step" and "head", has no N axis to plot against)."""
     latest = {}
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -54,11 +56,13 @@ def commits_newest_first(rows):
 
 
 def provider_style(provider, bases):
-    """(format, color) of a provider's line, the same in every panel: each provider of `bases` (the
-    sorted names without the "+graph" suffix) its marker and color; its rows replayed from a CUDA
-    graph (bench/run.py --cuda-graphs) its color with stars, dashed."""
+    """(format, color) of a provider's line, the same in every plot: each provider its marker and
+    color (COLORS; a provider not there the next free one in the order of `bases`, the plot's
+    sorted names without the "+graph" suffix); its rows replayed from a CUDA graph (bench/run.py
+    --cuda-graphs) its color with stars, dashed."""
     base = provider.removesuffix(harness.GRAPH)
-    color = COLORS.get(base, f"C{bases.index(base)}")
+    unknown = [b for b in bases if b not in COLORS]
+    color = COLORS.get(base) or f"C{len(COLORS) - 1 + unknown.index(base)}"
     return ("*--" if provider != base else STYLE.get(base, "^-")), color
 
 

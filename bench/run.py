@@ -189,18 +189,20 @@ def jobs(args, device, providers, steps, refused=None):
                     print(f"  {dtype_name:5s} N={n:6d} {name}: {why}: not benchmarked", flush=True)
                     refused[dtype_name, n, name] = why
                 names = [p for p in names if (dtype_name, n, p) not in refused]
+            fwd_bwd_jobs = {}
             for mode in (args.modes if n != args.large_n else ["fwd_bwd"]):
-                case_jobs = {}
                 for provider in names:
-                    case_jobs[provider] = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
-                                           else loss_job(steps[provider], case, mode, device, autocast_dtype))
-                    yield (dtype_name, n, mode, provider), case_jobs[provider]
-                # After every plain row of the case: a capture that fails cannot upset those.
-                if args.cuda_graphs and mode == "fwd_bwd":
-                    for provider, (setup, fn) in case_jobs.items():
-                        graphed = harness.GraphedStep(fn, setup, device)
-                        yield (dtype_name, n, mode, provider + harness.GRAPH), (None, graphed)
-            del case
+                    job = (gemm_bound_job(case, mode, device, dtype) if provider == "gemm-bound"
+                           else loss_job(steps[provider], case, mode, device, autocast_dtype))
+                    if mode == "fwd_bwd":
+                        fwd_bwd_jobs[provider] = job
+                    yield (dtype_name, n, mode, provider), job
+            # After every plain row of the case: a capture that fails cannot upset those.
+            if args.cuda_graphs:
+                for provider, (setup, fn) in fwd_bwd_jobs.items():
+                    graphed = harness.GraphedStep(fn, setup, device)
+                    yield (dtype_name, n, "fwd_bwd", provider + harness.GRAPH), (None, graphed)
+            del case, fwd_bwd_jobs
 
 
 def memory_pass(args, providers, timed):
@@ -301,7 +303,7 @@ def print_summary(rows):
             if gemm_bound:
                 parts.append(f"{r['ms_p50'] / gemm_bound['ms_p50']:5.2f}x gemm-bound{suffix} time")
             if eager and eager["peak_mem_mib"] > 0:
-                parts.append(f"mem {100 * r['peak_mem_mib'] / eager['peak_mem_mib']:5.1f}% of eager")
+                parts.append(f"mem {100 * r['peak_mem_mib'] / eager['peak_mem_mib']:5.1f}% of eager{suffix}")
             parts.append(f"({r['peak_mem_mib']:.0f} MiB)")
             print("  " + "  ".join(parts))
 
