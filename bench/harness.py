@@ -175,9 +175,12 @@ class GraphedStep:
         try:
             self.peak_mib = peak_extra_mib(capture, device, setup)
         except Exception as error:
-            # torch.cuda.graph leaves the capture stream current when its capture fails.
+            # torch.cuda.graph leaves the capture stream current when its capture fails, and then
+            # reports only that the capture was invalidated: the cause is the error before.
             torch.cuda.set_stream(caller)
-            raise RuntimeError(f"CUDA graph capture failed: {type(error).__name__}: {error}") from error
+            causes = [e for e in (error.__context__, error) if e is not None]
+            raise RuntimeError("CUDA graph capture failed: " + "; then ".join(
+                f"{type(e).__name__}: {e}" for e in causes)) from error
         return graph
 
 
