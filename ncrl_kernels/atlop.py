@@ -189,33 +189,47 @@ class DocREModel(nn.Module):
     def get_hrt(self, sequence_output, attention, entity_pos, hts):
         """Head and tail entity embeddings (logsumexp over mentions, each read at its "*" marker)
         and the localised context ``rs`` of every pair (the document's hidden states weighted by
-        the product of the head's and the tail's mean attention), all documents concatenated."""
-        offset = len(self.special_tokens[0])  # entity_pos counts from the first word piece after [CLS]
-        heads, length = attention.shape[1], attention.shape[-1]
-        hss, rss, tss = [], [], []
-        for i, doc_entities in enumerate(entity_pos):
-            doc_output, doc_attention = sequence_output[i], attention[i]
-            entity_embs, entity_atts = [], []
-            for mentions in doc_entities:
-                # Mentions cut off by the maximum sequence length are skipped.
-                positions = [start + offset for start, _ in mentions if start + offset < length]
-                if positions:
-                    index = torch.tensor(positions, device=sequence_output.device)
-                    entity_embs.append(torch.logsumexp(doc_output[index], dim=0))
-                    entity_atts.append(doc_attention[:, index].mean(1))
-                else:
-                    entity_embs.append(sequence_output.new_zeros(self.hidden_size))
-                    entity_atts.append(attention.new_zeros(heads, length))
-            entity_embs = torch.stack(entity_embs)  # [entities, hidden]
-            entity_atts = torch.stack(entity_atts)  # [entities, heads, length]
+        the product of the head's and the tail's mean attention), all documents concatenated.
 
-            pairs = torch.as_tensor(hts[i], dtype=torch.long, device=sequence_output.device).reshape(-1, 2)
-            hss.append(entity_embs[pairs[:, 0]])
-            tss.append(entity_embs[pairs[:, 1]])
-            ht_att = (entity_atts[pairs[:, 0]] * entity_atts[pairs[:, 1]]).mean(1)
-            ht_att = ht_att / (ht_att.sum(1, keepdim=True) + 1e-5)
-            rss.append(ht_att @ doc_output)
-        return torch.cat(hss), torch.cat(rss), torch.cat(tss)
+        ATLOP loops over entities and mentions, a few small GPU ops each, and its index tensors
+        reach the GPU one entity at a time: hundreds of launches and host-to-device copies per
+        batch, which on a fast GPU cost more than the encoder. Here the indices are built on the
+        host and copied once, and each step is one op for the whole batch: mentions padded per
+        entity (logsumexp over them with the padding at -inf, as ATLOP's per-entity logsumexp),
+        then one matrix product per document for the context."""
+        offset = len(self.special_tokens[0])  # entity_pos counts from the first word piece after [CLS]
+        device, length = sequence_output.device, attention.shape[-1]
+        # Mentions cut off by the maximum sequence length are skipped; an entity left without one
+        # gets zeros, as in ATLOP.
+        positions = [[start + offset for start, _ in mentions if start + offset < length]
+                     for doc_entities in entity_pos for mentions in doc_entities]
+        slots = max((len(p) for p in positions), default=0) or 1
+        docs = [i for i, doc_entities in enumerate(entity_pos) for _ in doc_entities]
+        index = torch.tensor([p + [0] * (slots - len(p)) for p in positions], dtype=torch.long).reshape(-1, slots)
+        counts = torch.tensor([len(p) for p in positions], dtype=torch.long)
+        first = torch.tensor([0] + [len(doc_entities) for doc_entities in entity_pos], dtype=torch.long).cumsum(0)
+        pairs = torch.cat([torch.as_tensor(ht, dtype=torch.long).reshape(-1, 2) + first[i]
+                           for i, ht in enumerate(hts)]) if hts else torch.zeros(0, 2, dtype=torch.long)
+        index, counts, pairs, doc = (t.to(device) for t in (index, counts, pairs, torch.tensor(docs, dtype=torch.long)))
+        valid = torch.arange(slots, device=device) < counts[:, None]  # [entities, slots]
+
+        mention_embs = sequence_output[doc[:, None], index]  # [entities, slots, hidden]
+        # Entities without a mention take finite padding (their result is replaced by zeros, and a
+        # logsumexp over -inf alone would send NaN back through the replacement's zero gradient).
+        fill = torch.where(counts[:, None, None] > 0, float("-inf"), 0.0).to(mention_embs.dtype)
+        entity_embs = torch.logsumexp(torch.where(valid[:, :, None], mention_embs, fill), dim=1)
+        entity_embs = torch.where(counts[:, None] > 0, entity_embs, 0.0)
+        mention_atts = attention[doc[:, None], :, index]  # [entities, slots, heads, length]
+        entity_atts = (mention_atts * valid[:, :, None, None]).sum(1) / counts.clamp(min=1)[:, None, None].to(
+            attention.dtype)
+
+        hs, ts = entity_embs[pairs[:, 0]], entity_embs[pairs[:, 1]]
+        ht_att = (entity_atts[pairs[:, 0]] * entity_atts[pairs[:, 1]]).mean(1)
+        ht_att = ht_att / (ht_att.sum(1, keepdim=True) + 1e-5)
+        sizes = [len(ht) for ht in hts]
+        rs = torch.cat([att @ sequence_output[i] for i, att in enumerate(ht_att.split(sizes))]) if hts else \
+            ht_att @ sequence_output.new_zeros(length, sequence_output.shape[-1])
+        return hs, rs, ts
 
     def pair_scores(self, input_ids, attention_mask, entity_pos, hts):
         """Class scores ``[pairs, classes]`` as the prediction compares them: the logits, whose
