@@ -192,11 +192,12 @@ class DocREModel(nn.Module):
         the product of the head's and the tail's mean attention), all documents concatenated.
 
         ATLOP loops over entities and mentions, a few small GPU ops each, and its index tensors
-        reach the GPU one entity at a time: hundreds of launches and host-to-device copies per
-        batch, which on a fast GPU cost more than the encoder. Here the indices are built on the
-        host and copied once, and each step is one op for the whole batch: mentions padded per
-        entity (logsumexp over them with the padding at -inf, as ATLOP's per-entity logsumexp),
-        then one matrix product per document for the context."""
+        reach the GPU one entity at a time: thousands of ATen calls and hundreds of host-to-device
+        copies per batch, which on a fast GPU cost more than the encoder. Here the entities of the
+        whole batch are pooled at once (mentions padded per entity; the logsumexp's padding at
+        -inf, as if absent), from indices built on the host and copied once; the pairs, whose
+        [pairs, heads, length] attention products are the large tensors, go one document at a
+        time, as in ATLOP."""
         offset = len(self.special_tokens[0])  # entity_pos counts from the first word piece after [CLS]
         device, length = sequence_output.device, attention.shape[-1]
         # Mentions cut off by the maximum sequence length are skipped; an entity left without one
@@ -207,10 +208,7 @@ class DocREModel(nn.Module):
         docs = [i for i, doc_entities in enumerate(entity_pos) for _ in doc_entities]
         index = torch.tensor([p + [0] * (slots - len(p)) for p in positions], dtype=torch.long).reshape(-1, slots)
         counts = torch.tensor([len(p) for p in positions], dtype=torch.long)
-        first = torch.tensor([0] + [len(doc_entities) for doc_entities in entity_pos], dtype=torch.long).cumsum(0)
-        pairs = torch.cat([torch.as_tensor(ht, dtype=torch.long).reshape(-1, 2) + first[i]
-                           for i, ht in enumerate(hts)]) if hts else torch.zeros(0, 2, dtype=torch.long)
-        index, counts, pairs, doc = (t.to(device) for t in (index, counts, pairs, torch.tensor(docs, dtype=torch.long)))
+        index, counts, doc = (t.to(device) for t in (index, counts, torch.tensor(docs, dtype=torch.long)))
         valid = torch.arange(slots, device=device) < counts[:, None]  # [entities, slots]
 
         mention_embs = sequence_output[doc[:, None], index]  # [entities, slots, hidden]
@@ -220,16 +218,27 @@ class DocREModel(nn.Module):
         entity_embs = torch.logsumexp(torch.where(valid[:, :, None], mention_embs, fill), dim=1)
         entity_embs = torch.where(counts[:, None] > 0, entity_embs, 0.0)
         mention_atts = attention[doc[:, None], :, index]  # [entities, slots, heads, length]
-        entity_atts = (mention_atts * valid[:, :, None, None]).sum(1) / counts.clamp(min=1)[:, None, None].to(
-            attention.dtype)
+        # (dtype: autocast would otherwise sum in fp32, where ATLOP's mean keeps the attention's.)
+        entity_atts = (mention_atts * valid[:, :, None, None]).sum(1, dtype=attention.dtype)
+        entity_atts = entity_atts / counts.clamp(min=1)[:, None, None].to(attention.dtype)
 
-        hs, ts = entity_embs[pairs[:, 0]], entity_embs[pairs[:, 1]]
-        ht_att = (entity_atts[pairs[:, 0]] * entity_atts[pairs[:, 1]]).mean(1)
-        ht_att = ht_att / (ht_att.sum(1, keepdim=True) + 1e-5)
-        sizes = [len(ht) for ht in hts]
-        rs = torch.cat([att @ sequence_output[i] for i, att in enumerate(ht_att.split(sizes))]) if hts else \
-            ht_att @ sequence_output.new_zeros(length, sequence_output.shape[-1])
-        return hs, rs, ts
+        hss, rss, tss = [], [], []
+        first = 0  # the document's first entity in the batch
+        for i, doc_entities in enumerate(entity_pos):
+            pairs = torch.as_tensor(hts[i], dtype=torch.long).reshape(-1, 2)
+            if pairs.numel() and (pairs.min() < 0 or pairs.max() >= len(doc_entities)):
+                raise ValueError(f"hts[{i}] holds entity indices outside [0, {len(doc_entities)}): each pair "
+                                 "indexes its own document's entity_pos")
+            pairs = (pairs + first).to(device)
+            first += len(doc_entities)
+            hss.append(entity_embs[pairs[:, 0]])
+            tss.append(entity_embs[pairs[:, 1]])
+            ht_att = (entity_atts[pairs[:, 0]] * entity_atts[pairs[:, 1]]).mean(1)
+            ht_att = ht_att / (ht_att.sum(1, keepdim=True) + 1e-5)
+            rss.append(ht_att @ sequence_output[i])
+        if not hss:  # no documents
+            return (sequence_output.new_zeros(0, sequence_output.shape[-1]),) * 3
+        return torch.cat(hss), torch.cat(rss), torch.cat(tss)
 
     def pair_scores(self, input_ids, attention_mask, entity_pos, hts):
         """Class scores ``[pairs, classes]`` as the prediction compares them: the logits, whose

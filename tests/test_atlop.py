@@ -333,6 +333,19 @@ def test_documents_without_pairs(corpus):
     assert torch.equal(pred_with, pred_without)
 
 
+@pytest.mark.parametrize("bad", [-1, "count"], ids=["negative", "past-the-end"])
+def test_pair_indices_outside_their_document_are_refused(corpus, bad):
+    """The batch's entities are pooled together, so a pair index outside its own document would
+    silently read another document's entity: it is refused, naming hts."""
+    features = corpus[3][:2]
+    _, ours = model_pair(corpus)
+    args = inputs(features, labels=False)
+    entities = len(args["entity_pos"][1])
+    args["hts"] = [list(args["hts"][0]), [[0, entities if bad == "count" else bad]] + list(args["hts"][1])[1:]]
+    with pytest.raises(ValueError, match=r"hts\[1\] holds entity indices outside"):
+        ours(**args)
+
+
 def test_bce_predictions_threshold_at_probability_one_half(corpus):
     _, ours = model_pair(corpus, loss="bce")
     ours.num_labels = -1
