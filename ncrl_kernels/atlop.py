@@ -9,6 +9,8 @@ feature, with the NCRL loss by default (``loss="atl"`` gives ATLOP's own loss).
 
 Needs ``transformers`` (``pip install ncrl_kernels[atlop]``) only for the encoder you pass in.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -194,10 +196,11 @@ class DocREModel(nn.Module):
         ATLOP loops over entities and mentions, a few small GPU ops each, and its index tensors
         reach the GPU one entity at a time: thousands of ATen calls and hundreds of host-to-device
         copies per batch, which on a fast GPU cost more than the encoder. Here the entities of the
-        whole batch are pooled at once (mentions padded per entity; the logsumexp's padding at
-        -inf, as if absent), from indices built on the host and copied once; the pairs, whose
-        [pairs, heads, length] attention products are the large tensors, go one document at a
-        time, as in ATLOP."""
+        whole batch are pooled at once, from indices built on the host and copied once: the
+        embeddings' logsumexp over mentions padded per entity (the padding at -inf, as if absent),
+        the attention rows' mean as one product per document with the mention counts at each
+        position. The pairs, whose [pairs, heads, length] attention products are the large
+        tensors, go one document at a time, as in ATLOP."""
         offset = len(self.special_tokens[0])  # entity_pos counts from the first word piece after [CLS]
         device, length = sequence_output.device, attention.shape[-1]
         # Mentions cut off by the maximum sequence length are skipped; an entity left without one
@@ -208,7 +211,14 @@ class DocREModel(nn.Module):
         docs = [i for i, doc_entities in enumerate(entity_pos) for _ in doc_entities]
         index = torch.tensor([p + [0] * (slots - len(p)) for p in positions], dtype=torch.long).reshape(-1, slots)
         counts = torch.tensor([len(p) for p in positions], dtype=torch.long)
-        index, counts, doc = (t.to(device) for t in (index, counts, torch.tensor(docs, dtype=torch.long)))
+        # Each entity's mention positions as counts over the document's tokens, for the attention.
+        rows = max((len(doc_entities) for doc_entities in entity_pos), default=0) or 1
+        row = [e for doc_entities in entity_pos for e in range(len(doc_entities))]
+        flat = [(i * rows + e) * length + position for i, e, p in zip(docs, row, positions) for position in p]
+        at_position = torch.bincount(torch.tensor(flat, dtype=torch.long), minlength=len(entity_pos) * rows * length)
+        at_position = at_position.view(-1, rows, length)
+        index, counts, doc, row, at_position = (t.to(device) for t in (
+            index, counts, torch.tensor(docs, dtype=torch.long), torch.tensor(row, dtype=torch.long), at_position))
         valid = torch.arange(slots, device=device) < counts[:, None]  # [entities, slots]
 
         mention_embs = sequence_output[doc[:, None], index]  # [entities, slots, hidden]
@@ -217,10 +227,14 @@ class DocREModel(nn.Module):
         fill = torch.where(counts[:, None, None] > 0, float("-inf"), 0.0).to(mention_embs.dtype)
         entity_embs = torch.logsumexp(torch.where(valid[:, :, None], mention_embs, fill), dim=1)
         entity_embs = torch.where(counts[:, None] > 0, entity_embs, 0.0)
-        mention_atts = attention[doc[:, None], :, index]  # [entities, slots, heads, length]
-        # (dtype: autocast would otherwise sum in fp32, where ATLOP's mean keeps the attention's.)
-        entity_atts = (mention_atts * valid[:, :, None, None]).sum(1, dtype=attention.dtype)
-        entity_atts = entity_atts / counts.clamp(min=1)[:, None, None].to(attention.dtype)
+        # The mean of the mentions' attention rows, as one product per document: [docs, heads, rows,
+        # length], then each entity's row. In the attention's dtype, as ATLOP's mean: autocast would
+        # multiply in bf16/fp16.
+        no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else \
+            contextlib.nullcontext()
+        with no_autocast:
+            sums = torch.matmul(at_position.to(attention.dtype)[:, None], attention)
+        entity_atts = sums[doc, :, row] / counts.clamp(min=1)[:, None, None].to(attention.dtype)
 
         hss, rss, tss = [], [], []
         first = 0  # the document's first entity in the batch
