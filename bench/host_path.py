@@ -61,7 +61,7 @@ def make_step(backend, path, inputs, block, extra):
             return ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=block, backend=backend)
     elif path == "function":
         def forward():
-            return family.functions["fused_forward"].apply(*args)[0]
+            return family.function("fused_forward", *args)[0]
     else:
         def forward():
             return family.ops["fused_forward"](*args)[0]

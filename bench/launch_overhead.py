@@ -107,12 +107,12 @@ def make_step(dtype, n=64, emb=768, block=64, classes=97, op="fused", symmetric=
     logits = torch.randn(n, classes, requires_grad=True)
     labels = torch.zeros(n, classes)
     labels[:, 0] = 1
-    functions, precision = backend._FAMILY.functions, _common.precision_for(dtype)
+    function, precision = backend._FAMILY.function, _common.precision_for(dtype)
     calls = {
-        "fused": lambda: functions["fused_forward"].apply(hs, ts, weight, bias, labels, block, symmetric, loss, 0.0,
-                                                          True, reduction, precision)[0],
-        "head": lambda: functions["head_forward"].apply(hs, ts, weight, bias, block, symmetric, precision).float(),
-        "loss": lambda: functions["loss_forward"].apply(logits, labels, loss, 0.0, True, reduction)[0],
+        "fused": lambda: function("fused_forward", hs, ts, weight, bias, labels, block, symmetric, loss, 0.0, True,
+                                  reduction, precision)[0],
+        "head": lambda: function("head_forward", hs, ts, weight, bias, block, symmetric, precision).float(),
+        "loss": lambda: function("loss_forward", logits, labels, loss, 0.0, True, reduction)[0],
     }
 
     def step():

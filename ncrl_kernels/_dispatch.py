@@ -2,10 +2,12 @@
 ``backend="auto"`` picks.
 
 A backend implementation is a module with three functions taking validated arguments:
-``group_bilinear(hs, ts, weight, bias, block_size, symmetric)``,
+``group_bilinear(hs, ts, weight, bias, block_size, symmetric, autocast)``,
 ``loss_fn(logits, labels, loss, gamma, margin_reg, reduction)`` and
-``fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction)``
-returning ``(loss, logits)``. All of them are differentiable.
+``fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction,
+autocast)`` returning ``(loss, logits)``. ``autocast`` is the autocast dtype (None: off): the
+backend runs the head in ``reference.head_dtype`` of its inputs and returns their gradients in
+their own dtypes. All of them are differentiable.
 
 Availability depends only on state fixed at import time (extension loaded, Triton installed,
 TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.compile``.

@@ -126,31 +126,43 @@ def _below_autograd(op):
     return call
 
 
+def _head_backward_in(head_backward):
+    """The C++ head backward for OpFamily: it returns the gradients in its inputs' dtypes, then cast
+    to the ones asked for (under autocast, the uncast inputs')."""
+
+    def call(*args, grad_dtypes=None):
+        return _op_autograd.grads_in(head_backward(*args), grad_dtypes)
+    return call
+
+
 if LOAD_ERROR is None:
     _OPS = {name: getattr(torch.ops.ncrl_kernels, name) for name in _op_autograd.FAKES}
     for _name, _fake in _op_autograd.FAKES.items():
         torch.library.register_fake(f"ncrl_kernels::{_name}")(_fake)
+    _IMPLS = {name: _below_autograd(op) for name, op in _OPS.items()}
+    _IMPLS["head_backward"] = _head_backward_in(_IMPLS["head_backward"])
+    _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
     _op_autograd.register_autograd(
-        lambda name, backward, setup: torch.library.register_autograd(
+        lambda name, backward, setup, _eager_setup: torch.library.register_autograd(
             f"ncrl_kernels::{name}", backward, setup_context=setup),
-        _OPS["head_backward"],
+        _FAMILY.head_backward,
     )
-    _FAMILY = _op_autograd.OpFamily(_OPS, {name: _below_autograd(op) for name, op in _OPS.items()})
 
 
 # Backend functions (arguments already validated, labels already float).
 
 
-def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric)
+def group_bilinear(hs, ts, weight, bias, block_size, symmetric, autocast):
+    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric, autocast=autocast)
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
     return _FAMILY("loss_forward", logits, labels, loss, float(gamma), margin_reg, reduction)[0]
 
 
-def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
+def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction, autocast):
     value, logits, _ = _FAMILY(
-        "fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma), margin_reg, reduction
+        "fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss, float(gamma), margin_reg, reduction,
+        autocast=autocast,
     )
     return value, logits

@@ -11,11 +11,13 @@ incoming gradient and runs the head backward, which recomputes the feature tiles
 the inputs and d loss / d logits ([N, C]) is saved.
 
 Eager calls skip the operator machinery (``OpFamily``): the same kernels and the same autograd
-formulas run as a plain ``torch.autograd.Function``; ``torch.compile`` traces the operators.
+formulas run as a plain ``torch.autograd.Function``, which also casts the weight under autocast
+and, for a scalar loss, runs the head backward in the forward (``autograd_functions``);
+``torch.compile`` traces the operators, with autocast's casts outside them.
 """
 import torch
 
-from .reference import loss_dtype
+from .reference import autocast_head, head_dtype, loss_dtype
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
@@ -27,15 +29,25 @@ def fake_head_forward(hs, ts, weight, bias, block_size, symmetric, *extra):
 
 
 def empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad,
-                     *extra):
+                     *extra, grad_dtypes=None):
     """Unfilled (d hs, d ts, d weight, d bias), also the fake kernel: outputs not asked for are
-    empty; d bias is in the loss dtype."""
+    empty; d hs, d ts and d weight in `grad_dtypes` (default: their inputs' dtypes), d bias in
+    the loss dtype."""
+    hs_dtype, ts_dtype, weight_dtype = grad_dtypes or (hs.dtype, ts.dtype, weight.dtype)
     return (
-        hs.new_empty(hs.shape if input_grad else 0),
-        ts.new_empty(ts.shape if input_grad else 0),
-        weight.new_empty(weight.shape if weight_grad else 0),
+        hs.new_empty(hs.shape if input_grad else 0, dtype=hs_dtype),
+        ts.new_empty(ts.shape if input_grad else 0, dtype=ts_dtype),
+        weight.new_empty(weight.shape if weight_grad else 0, dtype=weight_dtype),
         weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype(hs.dtype)),
     )
+
+
+def grads_in(grads, grad_dtypes):
+    """Head gradients (d hs, d ts, d weight, d bias) with the first three cast to `grad_dtypes`
+    (None: as they are)."""
+    if grad_dtypes is None:
+        return grads
+    return (*(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, grad_dtypes)), grads[3])
 
 
 def fake_loss_forward(logits, labels, loss, gamma, margin_reg, reduction, *extra):
@@ -70,20 +82,24 @@ def scaled_grad(grad_loss, dloss_dlogits):
 def register_autograd(register, head_backward):
     """Register the autograd of one family's head_forward, loss_forward and fused_forward.
 
-    ``register(name, backward, setup_context)`` registers for the family's op ``name`` (e.g.
-    ``"head_forward"``); ``head_backward`` is the family's head backward op.
+    ``register(name, backward, setup_context, eager_setup)`` registers for the family's op ``name``
+    (e.g. ``"head_forward"``); ``eager_setup(ctx, inputs, output)`` (or None) is what only the
+    eager route's Function does after ``setup_context``. ``head_backward`` is the family's
+    ``OpFamily.head_backward``.
     """
 
     def save_head(ctx, hs, ts, weight, bias, block_size, symmetric, extra, *tensors):
         ctx.save_for_backward(hs, ts, weight, *tensors)
         ctx.block_size, ctx.symmetric, ctx.extra = block_size, symmetric, extra
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast them sets theirs
 
     def head_grads(ctx, grad_logits, hs, ts, weight):
         """Gradients of (hs, ts, weight, bias), None where not needed."""
         need = ctx.needs_input_grad
         dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
-                                                 need[0] or need[1], need[2] or need[3], *ctx.extra)
+                                                 need[0] or need[1], need[2] or need[3], *ctx.extra,
+                                                 grad_dtypes=ctx.grad_dtypes)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
                 dbias.to(ctx.bias_dtype) if need[3] else None)
 
@@ -114,32 +130,86 @@ def register_autograd(register, head_backward):
         save_head(ctx, hs, ts, weight, bias, block_size, symmetric, inputs[FUSED_ARGS:], dloss_dlogits)
         ctx.mark_non_differentiable(logits, dloss_dlogits)
         ctx.set_materialize_grads(False)
+        ctx.unit_grads = None
+
+    def fused_eager_setup(ctx, inputs, output):
+        """For a scalar loss ("mean", "sum"), the eager route runs the head backward in the forward,
+        for an incoming gradient of 1, and the backward scales those gradients by the real one
+        (``scaled_unit_grads``). The gradient kernels are then queued right behind the forward's:
+        where the host is slower than the GPU (DocRED's sizes on the H200, docs/triton.md), the
+        GPU runs them while the host goes through autograd to the backward, instead of after it.
+        The same bits for an incoming gradient of 1 (``loss.backward()``) or a power of two;
+        otherwise one more rounding of d hs, d ts and d weight (d bias, nearly one number whose
+        error is a rounding or two, is summed in the backward from the scaled d loss / d logits, as
+        before). Not for fp16 operands, where d loss / d logits would be rounded to fp16 unscaled:
+        small gradients flush to zero there unless a GradScaler's scale comes first. Not where no
+        gradient is needed."""
+        hs, ts, weight, reduction = inputs[0], inputs[1], inputs[2], inputs[10]
+        if reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:4]):
+            ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight)[:3]
+
+    def scaled_unit_grads(ctx, grad_loss, dloss_dlogits):
+        """The gradients fused_eager_setup computed, scaled in place by `grad_loss`, and d bias,
+        handed over: None where there are none (the operator route, a "none" reduction, fp16),
+        where they were handed over already (a second backward, retain_graph=True) or where the
+        incoming gradient is batched or traced; the backward then runs the head backward as
+        usual."""
+        grads = ctx.unit_grads
+        if (grads is None or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
+                or dispatches_ops((grad_loss,))):
+            return None
+        ctx.unit_grads = None
+        torch._foreach_mul_([g for g in grads if g is not None], grad_loss)
+        dbias = scaled_grad(grad_loss, dloss_dlogits).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return (*grads, dbias)
 
     def fused_backward_fn(ctx, grad_loss, _grad_logits, _grad_dlogits):
         hs, ts, weight, dloss_dlogits = ctx.saved_tensors
-        grads = (None,) * 4 if grad_loss is None else head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts,
-                                                                 weight)
+        if grad_loss is None:
+            grads = (None,) * 4
+        else:
+            grads = (scaled_unit_grads(ctx, grad_loss, dloss_dlogits)
+                     or head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts, weight))
         return (*grads, *[None] * (FUSED_ARGS - 4 + len(ctx.extra)))
 
-    register("head_forward", head_backward_fn, head_setup)
-    register("loss_forward", loss_backward_fn, loss_setup)
-    register("fused_forward", fused_backward_fn, fused_setup)
+    register("head_forward", head_backward_fn, head_setup, None)
+    register("loss_forward", loss_backward_fn, loss_setup, None)
+    register("fused_forward", fused_backward_fn, fused_setup, fused_eager_setup)
 
 
 def autograd_functions(forwards, head_backward):
     """``torch.autograd.Function``s with the formulas ``register_autograd`` gives the operators:
-    name -> Function whose forward is ``forwards[name]`` (the op's implementation, taking the op's
-    arguments); their backward calls ``head_backward``."""
+    name -> Function whose forward is ``forwards[name]`` (the op's implementation), taking the op's
+    arguments and then the autocast dtype (None: off; always None for the loss, which has no
+    weight); their backward calls ``head_backward``.
+
+    Under autocast the forward casts the weight itself, unrecorded (grad mode is off there), and
+    the head backward writes d weight in the weight's own dtype: no autograd node for the cast,
+    and no cast kernel in the backward (the Triton kernels write d weight from their fp32
+    accumulators). hs and ts arrive cast (OpFamily), their casts recorded by autograd as eager
+    autocast's are: writing their fp32 gradients directly too would hold them next to the 16-bit
+    copies the backward reads, 12 MiB more peak memory at DocRED's N=4096 from fp32 leaves (67
+    against 55 MiB, where eager's is 1179; bench/memory_model.py, docs/triton.md)."""
     functions = {}
 
-    def register(name, backward, setup_context):
+    def register(name, backward, setup_context, eager_setup):
         impl = forwards[name]
 
         # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds
         # its arguments through inspect.signature on every call.
-        def forward(ctx, *args):
+        def forward(ctx, *args_and_autocast):
+            *args, autocast = args_and_autocast
+            weight_dtype = None
+            if autocast is not None:
+                weight = args[2]
+                args[2] = weight.to(head_dtype(weight.dtype, autocast))
+                weight_dtype = weight.dtype if args[2] is not weight else None
             output = impl(*args)
             setup_context(ctx, args, output)
+            if weight_dtype is not None:
+                ctx.grad_dtypes = (args[0].dtype, args[1].dtype, weight_dtype)
+            if eager_setup is not None:
+                eager_setup(ctx, args, output)
             return output
 
         # A backward that is to be differentiated again (create_graph) is refused: the gradients
@@ -151,7 +221,7 @@ def autograd_functions(forwards, head_backward):
                     "ncrl_kernels' fused ops have first derivatives only: their backward cannot be "
                     "differentiated again (create_graph=True, double backward, gradient penalties); use "
                     "backend='reference' for that")
-            return backward(ctx, *grads)
+            return *backward(ctx, *grads), None  # no gradient for the autocast dtype
 
         functions[name] = type(f"{name}_function", (torch.autograd.Function,),
                                {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward)})
@@ -191,14 +261,28 @@ class OpFamily:
         self.ops, self.impls = ops, impls
         self.functions = autograd_functions(impls, self.head_backward)
 
-    def __call__(self, name, *args):
+    def __call__(self, name, *args, autocast=None):
+        """Op `name` on the op's arguments; for the head ops (hs, ts and weight first) the autocast
+        dtype, None where autocast is off. Under autocast, hs and ts are cast here, recorded by
+        autograd; the weight too where the operator runs, else in the Function
+        (``autograd_functions``)."""
+        if autocast is not None:
+            args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
         if dispatches_ops(args):
+            if autocast is not None:
+                args = (*autocast_head(*args[:3], autocast), *args[3:])
             return self.ops[name](*args)
-        return self.functions[name].apply(*args)
+        return self.function(name, *args, autocast=autocast)
 
-    def head_backward(self, grad_logits, *args):
-        """The head backward a Function's backward runs: the operator where that backward is batched
-        (is_grads_batched, jacobian(vectorize=True)) or traced, else the implementation."""
+    def function(self, name, *args, autocast=None):
+        """Op `name` through its autograd.Function (the eager route), whatever the arguments."""
+        return self.functions[name].apply(*args, autocast)
+
+    def head_backward(self, grad_logits, *args, grad_dtypes=None):
+        """The head backward both routes' autograd runs: the operator where that backward is batched
+        (is_grads_batched, jacobian(vectorize=True)) or traced, else the implementation, which
+        takes ``grad_dtypes`` (d hs, d ts and d weight's dtypes, None: the inputs') and returns the
+        gradients in them."""
         if torch._C._functorch.is_legacy_batchedtensor(grad_logits) or dispatches_ops((grad_logits, *args)):
-            return self.ops["head_backward"](grad_logits, *args)
-        return self.impls["head_backward"](grad_logits, *args)
+            return grads_in(self.ops["head_backward"](grad_logits, *args), grad_dtypes)
+        return self.impls["head_backward"](grad_logits, *args, grad_dtypes=grad_dtypes)

@@ -1,6 +1,6 @@
-"""The public functions. Each validates its arguments (docs/spec.md "Bad input"), applies autocast the
-way ATLOP runs under it (head in the autocast dtype, loss in fp32), then hands over to one backend
-from the dispatch table (``_dispatch``).
+"""The public functions. Each validates its arguments (docs/spec.md "Bad input"), then hands over to
+one backend from the dispatch table (``_dispatch``), with the autocast dtype the head runs in (the
+backend casts: head in the autocast dtype, loss in fp32, the way ATLOP runs under autocast).
 """
 import math
 import numbers
@@ -20,15 +20,6 @@ def _autocast_dtype(device):
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
-
-
-def _autocast_head(hs, ts, weight, dtype):
-    """The head's inputs as F.linear takes them under autocast: every floating tensor but fp64 in
-    the autocast dtype. The bias keeps its dtype and the loss stays fp32. Runs after validation
-    (a cast is a kernel)."""
-    if dtype is None:
-        return hs, ts, weight
-    return tuple(x if x.dtype == torch.float64 else x.to(dtype) for x in (hs, ts, weight))
 
 
 def _float_labels(labels, dtype):
@@ -63,8 +54,7 @@ def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False,
     _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     _validation.check_flag("symmetric", symmetric)
     impl = _dispatch.resolve(backend, hs.device)
-    hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
-    return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric))
+    return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric), autocast)
 
 
 def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
@@ -129,10 +119,9 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_labels(labels, n, classes, hs.device, scores="hs")
     impl = _dispatch.resolve(backend, hs.device)
-    hs, ts, weight = _autocast_head(hs, ts, weight, autocast)
     value, logits = impl.fused(
         hs, ts, weight, bias, _float_labels(labels, hs.dtype), int(block_size), bool(symmetric), loss, float(gamma),
-        bool(margin_reg), reduction,
+        bool(margin_reg), reduction, autocast,
     )
     return (value, logits.detach()) if return_logits else value
 

@@ -9,12 +9,24 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["group_bilinear", "ncrl_loss", "atl_loss", "bce_loss", "predict", "loss_fn", "loss_dtype",
-           "reduce_pairs", "LOSSES"]
+           "reduce_pairs", "head_dtype", "autocast_head", "LOSSES"]
 
 
 def loss_dtype(dtype):
     """Losses accumulate in fp32 whatever the input dtype (fp64 stays fp64, for gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def head_dtype(dtype, autocast):
+    """The dtype a head input of `dtype` runs in under autocast to `autocast` (None: autocast off),
+    as F.linear's: every floating dtype but fp64 is cast to the autocast dtype."""
+    return dtype if autocast is None or dtype == torch.float64 else autocast
+
+
+def autocast_head(hs, ts, weight, autocast):
+    """hs, ts and weight in the dtypes the head runs in (head_dtype); the bias keeps its dtype and
+    the loss stays fp32. Called after validation (a cast is a kernel)."""
+    return tuple(x.to(head_dtype(x.dtype, autocast)) for x in (hs, ts, weight))
 
 
 def reduce_pairs(per_pair, reduction):

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
-from ..reference import loss_dtype, reduce_pairs
+from ..reference import head_dtype, loss_dtype, reduce_pairs
 from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
 from ._common import LOSS_CODES, precision_for
 from ._launch import direct_launches
@@ -93,9 +93,9 @@ def _launching_directly(fn):
     the H200 machine's host, more than the step's GPU time)."""
 
     @functools.wraps(fn)
-    def launch_directly(*args):
+    def launch_directly(*args, **kwargs):
         with direct_launches():
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     return launch_directly
 
@@ -124,9 +124,18 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
                    input_grad: bool, weight_grad: bool, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d hs, d ts, d weight, d bias); gradients not asked for are empty tensors. d bias is in the
     loss dtype (fp32, fp64 for fp64 inputs), the others in their input's dtype."""
+    return _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad, precision)
+
+
+def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad, precision,
+                grad_dtypes=None):
+    """The operator's head backward, with d hs, d ts and d weight in `grad_dtypes` (None: their
+    inputs' dtypes), what the eager route runs (_op_autograd.OpFamily). The kernels write them
+    from their fp32 accumulators, so under autocast fp32 inputs get their fp32 gradients without
+    a cast kernel each, and without eager autocast's rounding to 16 bits on the way."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
-                                                             input_grad, weight_grad)
+                                                             input_grad, weight_grad, grad_dtypes=grad_dtypes)
     config = dict(block_size=block_size, symmetric=symmetric, precision=precision)
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
@@ -142,6 +151,7 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
 
 
 head_backward = _define("head_backward", _head_backward)
+_IMPLS["head_backward"] = _launching_directly(_head_grads)
 
 
 def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margin_reg: bool,
@@ -180,37 +190,40 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
 
 fused_forward = _define("fused_forward", _fused_forward)
 
-_op_autograd.register_autograd(
-    lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup), head_backward
-)
 _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
+_op_autograd.register_autograd(
+    lambda name, backward, setup, _eager_setup: _OPS[name].register_autograd(backward, setup_context=setup),
+    _FAMILY.head_backward,
+)
 
 
 # The backend interface of ncrl_kernels._dispatch (arguments validated, labels already float).
 
 
-def _check_head_dtype(hs):
-    """Triton's interpreter has no bf16: its tl.dot on bf16 operands returns wrong numbers (logits
-    of 1e11), silently, so the head refuses bf16 there (after autocast's cast). The losses alone
-    run on fp32 logits and take bf16."""
-    if TRITON_INTERPRET and hs.dtype == torch.bfloat16:
+def _head_dtype(hs, autocast):
+    """The dtype the head runs in (autocast's, where it casts hs), checked: Triton's interpreter
+    has no bf16: its tl.dot on bf16 operands returns wrong numbers (logits of 1e11), silently, so
+    the head refuses bf16 there. The losses alone run on fp32 logits and take bf16."""
+    dtype = head_dtype(hs.dtype, autocast)
+    if TRITON_INTERPRET and dtype == torch.bfloat16:
         raise ValueError(
             "backend='triton' on the CPU runs Triton's interpreter, which has no bf16 (the head's results would be "
             "wrong): pass fp32 or fp16 tensors (outside bf16 autocast), or use backend='cpp' or 'reference' for bf16"
         )
+    return dtype
 
 
-def group_bilinear(hs, ts, weight, bias, block_size, symmetric):
-    _check_head_dtype(hs)
-    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric, precision_for(hs.dtype))
+def group_bilinear(hs, ts, weight, bias, block_size, symmetric, autocast):
+    return _FAMILY("head_forward", hs, ts, weight, bias, block_size, symmetric,
+                   precision_for(_head_dtype(hs, autocast)), autocast=autocast)
 
 
 def loss_fn(logits, labels, loss, gamma, margin_reg, reduction):
     return _FAMILY("loss_forward", logits, labels, loss, float(gamma), margin_reg, reduction)[0]
 
 
-def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction):
-    _check_head_dtype(hs)
+def fused(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction, autocast):
     value, logits, _ = _FAMILY("fused_forward", hs, ts, weight, bias, labels, block_size, symmetric, loss,
-                               float(gamma), margin_reg, reduction, precision_for(hs.dtype))
+                               float(gamma), margin_reg, reduction, precision_for(_head_dtype(hs, autocast)),
+                               autocast=autocast)
     return value, logits

@@ -65,6 +65,9 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     capability picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
     torch_dtype, ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
+    # bf16's d weight as under autocast with an fp32 weight (the backward writes it in fp32 from
+    # its accumulator), fp16's as for fp16 parameters: both stores get compiled.
+    dweight_ptr = "*fp32" if dtype == "bf16" else ptr
     kind = kind_of(dtype)
 
     def tiles(table):
@@ -79,7 +82,8 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         out.append((f"forward sym={symmetric}", head_forward.head_forward_kernel,
                     dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
         out.append((f"weight grad sym={symmetric}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=ptr), backward, tiles(head_backward.WEIGHT_GRAD_TILES)))
+                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=dweight_ptr), backward,
+                    tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad sym={symmetric}", head_backward.input_grad_kernel,
                     dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), backward,
                     tiles(head_backward.INPUT_GRAD_TILES)))

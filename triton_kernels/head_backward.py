@@ -272,11 +272,13 @@ def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
 
 
 def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision, tiles=None):
-    """Fill dweight ``[C, E*B]`` from weight_grad_operands' result for N pairs (all tensors
-    contiguous). `tiles` overrides the default config."""
+    """Fill dweight ``[C, E*B]`` (in any float dtype: written from the fp32 accumulator) from
+    weight_grad_operands' result for N pairs (all tensors contiguous). `tiles` overrides the
+    default config."""
     classes, emb = dweight.shape[0], dweight.shape[1] // block_size
-    shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dweight.dtype)
-    tiles = tiles or pick_tiles(WEIGHT_GRAD_TILES, dweight.dtype, precision, dweight.device)
+    dtype = operands.hs.dtype  # the operands'
+    shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dtype)
+    tiles = tiles or pick_tiles(WEIGHT_GRAD_TILES, dtype, precision, dweight.device)
     launch = tiles.launch_args(block_size)
     grad = operands.grad
     assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad with weight_grad_operands"
@@ -285,8 +287,9 @@ def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision
 
 
 def launch_input_grad(grad, weight, hs, ts, dhs, dts, *, classes, block_size, symmetric, precision, tiles=None):
-    """Fill dhs and dts ``[N, E]`` from padded_grad's grad and input_grad_operand's weight (all
-    tensors contiguous). `tiles` overrides the default config."""
+    """Fill dhs and dts ``[N, E]`` (in any float dtype: written from the fp32 accumulators) from
+    padded_grad's grad and input_grad_operand's weight (all tensors contiguous). `tiles`
+    overrides the default config."""
     n, emb = hs.shape
     if n == 0:
         return
