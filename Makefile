@@ -43,12 +43,15 @@ test: install
 
 # DocRED-shaped benchmark of every fused backend available here against the unfused eager
 # reference and torch.compile of it; appends to bench/results/<device>.csv and plots it. Then the
-# host time of a fused step by call path (bench/results/<device>-host-path.csv).
+# host time of a fused step by call path (bench/results/<device>-host-path.csv), what a Triton
+# launch costs the host, and the fused-triton step's peak memory on an sm_90 GPU as modelled
+# here (bench/memory_model.py).
 bench: install
 	$(VPY) bench/run.py
 	$(VPY) bench/plot.py
 	$(VPY) bench/host_path.py
 	$(VPY) bench/launch_overhead.py
+	$(VPY) bench/memory_model.py
 
 plot: install
 	$(VPY) bench/plot.py

@@ -23,6 +23,9 @@ import subprocess
 import time
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 CSV_COLUMNS = ["kernel", "provider", "mode", "dtype", "n_pairs", "emb", "block", "classes", "ms_p50", "ms_p20",
                "ms_p80", "peak_mem_mib", "device", "commit", "timestamp"]
@@ -110,6 +113,32 @@ def peak_extra_mib(fn, device, setup=None):
     start = _CPU_MEMORY.start()
     fn(state)
     return _CPU_MEMORY.peak_since(start)
+
+
+class LiveStorages(TorchDispatchMode):
+    """Inside: tracks the storages the ops allocate (views of the `existing` tensors aside) until
+    they are released; `peak` is the most bytes live at once, as PyTorch's CUDA allocator counts a
+    step's peak extra memory (up to its rounding to 512-byte blocks), for a run on the CPU
+    (bench/memory_model.py). Ops see the mode as a dispatch mode: the package's eager route takes
+    the registered operators under one unless told otherwise."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = {x.untyped_storage().data_ptr() for x in existing}
+        self.live = {}  # data pointer -> (weak reference, bytes)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {at: (ref, size) for at, (ref, size) in self.live.items() if not ref.expired()}
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                storage = x.untyped_storage()
+                at = storage.data_ptr()
+                if storage.nbytes() and at not in self.live and at not in self.existing:
+                    self.live[at] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
 
 
 def time_ms(fn, device, setup=None, *, min_reps=5, max_reps=100, budget_s=3.0, warmup=2):

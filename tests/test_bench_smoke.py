@@ -275,3 +275,37 @@ def test_kernels_script(tmp_path):
     assert {(r["kernel"], r["symmetric"]) for r in rows} == {
         (k, s) for k in ("forward", "epilogue", "weight_grad", "input_grad") for s in ("0", "1")}
     assert all(float(r["max_rel_diff"]) == 0.0 for r in rows)  # every candidate agrees with the first
+
+
+def test_live_storages_peak():
+    """harness.LiveStorages, bench/memory_model.py's allocator model: the most bytes live at once,
+    a storage counted from its allocation to its release, views of existing tensors not at all."""
+    existing = torch.zeros(4096)
+    with harness.LiveStorages([existing]) as tracker:
+        a = torch.empty(2**18)  # 1 MiB
+        b = torch.empty(2**19)  # 2 MiB
+        del a
+        c = torch.empty(2**17)  # 0.5 MiB, after a's release
+        d = existing.t().view(64, 64)[1:]  # views of an existing tensor
+    assert tracker.peak == 3 * 2**20
+    assert {size for _, size in tracker.live.values()} == {2**21, 2**19}
+    del b, c, d
+
+
+def test_memory_model_runs(tmp_path):
+    """bench/memory_model.py end to end, in its own process (it configures the Triton backend as
+    for an sm_90 GPU): a row per dtype and N, the fused step's peak at least the gradients it
+    leaves behind (fp32 d hs, d ts, d weight and d bias)."""
+    import subprocess
+
+    n, emb, block, classes = 64, 32, 8, 5
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "memory_model.py"), "--n", str(n), "--emb", str(emb),
+                          "--block", str(block), "--classes", str(classes), "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("*-memory.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["dtype"] for r in rows] == ["bf16", "fp32"]
+    grads = 4 * (2 * n * emb + classes * emb * block + classes) / 2**20
+    assert all(float(r["peak_mem_mib"]) >= round(grads, 1) for r in rows)
