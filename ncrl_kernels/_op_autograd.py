@@ -143,9 +143,11 @@ def register_autograd(register, head_backward):
         error is a rounding or two, is summed in the backward from the scaled d loss / d logits, as
         before). Not for fp16 operands, where d loss / d logits would be rounded to fp16 unscaled:
         small gradients flush to zero there unless a GradScaler's scale comes first. Not where no
-        gradient is needed."""
+        gradient is needed, nor where saved-tensor hooks are set (activation checkpointing,
+        save_on_cpu): the gradients would be held as they are, past the hooks."""
         hs, ts, weight, reduction = inputs[0], inputs[1], inputs[2], inputs[10]
-        if reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:4]):
+        if (reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:4])
+                and saved_tensor_hooks() is None):
             ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight)[:3]
 
     def scaled_unit_grads(ctx, grad_loss, dloss_dlogits):
@@ -177,11 +179,20 @@ def register_autograd(register, head_backward):
     register("fused_forward", fused_backward_fn, fused_setup, fused_eager_setup)
 
 
+def saved_tensor_hooks():
+    """The innermost default saved-tensor hooks set (torch.autograd.graph.saved_tensors_hooks:
+    activation checkpointing, save_on_cpu), or None. Private; None where this torch lacks it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return None if top is None else top(False)
+
+
 def autograd_functions(forwards, head_backward):
     """``torch.autograd.Function``s with the formulas ``register_autograd`` gives the operators:
     name -> Function whose forward is ``forwards[name]`` (the op's implementation), taking the op's
-    arguments and then the autocast dtype (None: off; always None for the loss, which has no
-    weight); their backward calls ``head_backward``.
+    arguments, then the autocast dtype (None: off; always None for the loss, which has no
+    weight) and whether grad mode was on at the call (inside a forward it is off, and
+    ``ctx.needs_input_grad`` does not say: an op called under torch.no_grad must not run its
+    backward); their backward calls ``head_backward``.
 
     Under autocast the forward casts the weight itself, unrecorded (grad mode is off there), and
     the head backward writes d weight in the weight's own dtype: no autograd node for the cast,
@@ -197,8 +208,8 @@ def autograd_functions(forwards, head_backward):
 
         # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds
         # its arguments through inspect.signature on every call.
-        def forward(ctx, *args_and_autocast):
-            *args, autocast = args_and_autocast
+        def forward(ctx, *args_and_options):
+            *args, autocast, recording = args_and_options
             weight_dtype = None
             if autocast is not None:
                 weight = args[2]
@@ -208,7 +219,7 @@ def autograd_functions(forwards, head_backward):
             setup_context(ctx, args, output)
             if weight_dtype is not None:
                 ctx.grad_dtypes = (args[0].dtype, args[1].dtype, weight_dtype)
-            if eager_setup is not None:
+            if eager_setup is not None and recording:
                 eager_setup(ctx, args, output)
             return output
 
@@ -221,7 +232,7 @@ def autograd_functions(forwards, head_backward):
                     "ncrl_kernels' fused ops have first derivatives only: their backward cannot be "
                     "differentiated again (create_graph=True, double backward, gradient penalties); use "
                     "backend='reference' for that")
-            return *backward(ctx, *grads), None  # no gradient for the autocast dtype
+            return *backward(ctx, *grads), None, None  # none for the autocast dtype and the grad mode
 
         functions[name] = type(f"{name}_function", (torch.autograd.Function,),
                                {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward)})
@@ -276,7 +287,7 @@ class OpFamily:
 
     def function(self, name, *args, autocast=None):
         """Op `name` through its autograd.Function (the eager route), whatever the arguments."""
-        return self.functions[name].apply(*args, autocast)
+        return self.functions[name].apply(*args, autocast, torch.is_grad_enabled())
 
     def head_backward(self, grad_logits, *args, grad_dtypes=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched

@@ -207,6 +207,12 @@ def test_scalar_loss_queues_its_gradient_kernels_in_the_forward(device, reductio
     want = run_fused("reference", *fp64(hs, ts, weight, bias), labels, block_size=4, reduction=reduction)
     for name, got, expected in zip(RESULT_NAMES[2:], [p.grad for p in params], want[2:]):
         assert_close(got, expected, dtype, name)
+    # Where no backward can follow, or saved-tensor hooks manage what a backward keeps, none is run.
+    for context in (torch.no_grad(), torch.autograd.graph.save_on_cpu()):
+        launched.clear()
+        with context:
+            ncrl_kernels.fused_ncrl(*params, labels, block_size=4, reduction=reduction, backend="triton")
+        assert launched == kernels[:2]
 
 
 def candidate_configs(device):
