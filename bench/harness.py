@@ -117,10 +117,10 @@ def peak_extra_mib(fn, device, setup=None):
 
 class LiveStorages(TorchDispatchMode):
     """Inside: tracks the storages the ops allocate (views of the `existing` tensors aside) until
-    they are released; `peak` is the most bytes live at once, as PyTorch's CUDA allocator counts a
-    step's peak extra memory (up to its rounding to 512-byte blocks), for a run on the CPU
-    (bench/memory_model.py). Ops see the mode as a dispatch mode: the package's eager route takes
-    the registered operators under one unless told otherwise."""
+    they are released; `peak` is the most bytes live at once: the peak of requested bytes, a
+    lower bound of the CUDA allocator's peak, which counts whole blocks (bench/memory_model.py).
+    Not seen: a single op's internal temporaries. Ops see the mode as a dispatch mode: the
+    package's eager route takes the registered operators under one unless told otherwise."""
 
     def __init__(self, existing):
         super().__init__()

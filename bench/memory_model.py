@@ -3,21 +3,26 @@
 GPU: the step of bench/run.py (same inputs, fp32 leaves; bf16 under autocast) runs on CPU
 tensors with the Triton backend configured as for an sm_90 GPU of 132 SMs (its tiles and forward
 split, hence its buffers) and its launches replaced by no-ops, while every storage the step's
-ops allocate is tracked from allocation to release. The most that is live at once is what
-PyTorch's CUDA allocator reports as the step's peak extra memory (bench/run.py's peak_mem_mib),
-up to the allocator's rounding to 512-byte blocks.
+ops allocate is tracked from allocation to release. The most that is live at once is the
+step's peak of requested bytes: a lower bound of what PyTorch's CUDA allocator reports as its
+peak extra memory (bench/run.py's peak_mem_mib), which counts whole blocks, and a block over
+1 MiB is not split for a remainder of 1 MiB or less: up to 1 MiB more per live tensor over
+1 MiB, depending on what the process allocated before.
 
-Checked against the H200's `make gpu-check` at fe98866 (bench/results/nvidia-h200.csv and
-tf32/nvidia-h200.csv), this model run at that commit gave 30.3, 48.2 and 138.2 MiB in bf16
-(measured: 31, 48, 138) and 49.4, 73.2 and 238.3 MiB in fp32 (measured: 49, 74, 238) at
-N = 1024, 4096 and 16384. Eager's peak is not modelled: it is the unfused reference's, which
-builds the [N, E*B] feature (H200: 302, 1179 and 4689 MiB in bf16).
+Checked against the H200's `make gpu-check` at fe98866 (bench/results/nvidia-h200.csv, and for
+fp32 the TF32 rows of tf32/nvidia-h200.csv; the model's peaks are the same at either fp32
+precision): a copy of this model adapted to that commit's backend interface gave 30.3, 48.2
+and 138.2 MiB in bf16 (measured: 31.4, 48.2, 138.2) and 49.4, 73.2 and 238.3 MiB in fp32
+(measured: 49.4, 74.2, 238.3) at N = 1024, 4096 and 16384: 0 to 1.1 MiB under. Repeat H200 runs
+of one commit differed by 0.4 MiB. Eager's peak is not modelled: it is the unfused reference's,
+which builds the [N, E*B] feature (H200: 302, 1179 and 4689 MiB in bf16).
 
     python bench/memory_model.py                 # bf16 and fp32, N = 1024 4096 16384
 
 Rows go to bench/results/<this CPU>-as-sm90-memory.csv.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -36,8 +41,22 @@ DEVICE = torch.device("cpu")
 COLUMNS = ["provider", "dtype", "n_pairs", "emb", "block", "classes", "peak_mem_mib", "device", "commit", "timestamp"]
 
 
+@contextlib.contextmanager
+def eager_route():
+    """Calls take the eager route, as on a GPU, though the tracker is a dispatch mode (under one,
+    _op_autograd.dispatches_ops sends them to the registered operators, whose buffers the mode
+    cannot see inside). Nothing in the modelled step works on ops (compile, tensor subclasses)."""
+    dispatches_ops = _op_autograd.dispatches_ops
+    _op_autograd.dispatches_ops = lambda args: False
+    try:
+        yield
+    finally:
+        _op_autograd.dispatches_ops = dispatches_ops
+
+
 def peak_mib(case, autocast_dtype):
-    """The model's peak extra memory of one fused forward + backward of `case`, in MiB."""
+    """The model's peak extra memory of one fused forward + backward of `case`, in MiB (call
+    launch_overhead.pretend_gpu first, and stub the launches)."""
     def step():
         for p in case.params:
             p.grad = None
@@ -48,7 +67,7 @@ def peak_mib(case, autocast_dtype):
 
     step()  # what a first call sets up (cached configs) is not the step's
     tracker = harness.LiveStorages([*case.params, case.labels])
-    with tracker:
+    with eager_route(), tracker:
         step()
     return tracker.peak / 2**20
 
@@ -63,9 +82,6 @@ def main(argv=None):
     p.add_argument("--results", default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     launch_overhead.pretend_gpu()
-    # Nothing here works on ops (compile, subclasses): without this, the tracker's own dispatch
-    # mode would send the calls to the registered operators instead of the eager route.
-    _op_autograd.dispatches_ops = lambda args: False
     commit, stamp = harness.git_commit(), harness.timestamp()
     rows = []
     with harness.triton_launches_through(harness.NoLaunch):

@@ -44,7 +44,8 @@ def kernel_model(n, emb, block, classes, kind, split=None):
         "forward": max(tensor_ms, hbm_ms(inputs_bytes + weight_bytes + partial_bytes)),
         # partials in; labels, logits, d logits out
         "epilogue": hbm_ms(partial_bytes + n * classes * (4 + elt + 4)),
-        "weight_grad": max(tensor_ms, hbm_ms(inputs_bytes + n * CLASS_TILE * elt + weight_bytes)),
+        # d weight written in fp32: bf16 runs under autocast with an fp32 weight, as ATLOP trains
+        "weight_grad": max(tensor_ms, hbm_ms(inputs_bytes + n * CLASS_TILE * elt + classes * emb * block * 4)),
         "input_grad": max(tensor_ms, hbm_ms(2 * inputs_bytes + n * CLASS_TILE * elt + weight_bytes)),
         "flop": flop,
     }

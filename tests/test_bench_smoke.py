@@ -294,18 +294,17 @@ def test_live_storages_peak():
 
 def test_memory_model_runs(tmp_path):
     """bench/memory_model.py end to end, in its own process (it configures the Triton backend as
-    for an sm_90 GPU): a row per dtype and N, the fused step's peak at least the gradients it
-    leaves behind (fp32 d hs, d ts, d weight and d bias)."""
+    for an sm_90 GPU), at DocRED's shape in bf16 (N=4096): a row, and the modelled peak of the
+    eager route (the gradients computed in the forward, fp32 d weight beside the bf16 copies: 54.6
+    MiB when written) between the operator route's 48.2 MiB, which a tracker that sent the calls
+    there would report, and issue 8's budget, 5% of eager's 1179 MiB measured on the H200."""
     import subprocess
 
-    n, emb, block, classes = 64, 32, 8, 5
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "memory_model.py"), "--n", str(n), "--emb", str(emb),
-                          "--block", str(block), "--classes", str(classes), "--results", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "memory_model.py"), "--n", "4096", "--dtypes", "bf16",
+                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (path,) = tmp_path.glob("*-memory.csv")
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    assert [r["dtype"] for r in rows] == ["bf16", "fp32"]
-    grads = 4 * (2 * n * emb + classes * emb * block + classes) / 2**20
-    assert all(float(r["peak_mem_mib"]) >= round(grads, 1) for r in rows)
+        (row,) = list(csv.DictReader(f))
+    assert (row["dtype"], row["n_pairs"]) == ("bf16", "4096")
+    assert 50 < float(row["peak_mem_mib"]) <= 0.05 * 1179
