@@ -94,14 +94,16 @@ def register_autograd(register, head_backward):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast them sets theirs
 
-    def head_grads(ctx, grad_logits, hs, ts, weight):
-        """Gradients of (hs, ts, weight, bias), None where not needed."""
+    def head_grads(ctx, grad_logits, hs, ts, weight, bias=True):
+        """Gradients of (hs, ts, weight, bias), None where not needed (d bias also where `bias`
+        is False)."""
         need = ctx.needs_input_grad
+        need_bias = need[3] and bias
         dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
-                                                 need[0] or need[1], need[2] or need[3], *ctx.extra,
+                                                 need[0] or need[1], need[2] or need_bias, *ctx.extra,
                                                  grad_dtypes=ctx.grad_dtypes)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
-                dbias.to(ctx.bias_dtype) if need[3] else None)
+                dbias.to(ctx.bias_dtype) if need_bias else None)
 
     def head_setup(ctx, inputs, output):
         save_head(ctx, *inputs[:HEAD_ARGS], inputs[HEAD_ARGS:])
@@ -139,16 +141,20 @@ def register_autograd(register, head_backward):
         where the host is slower than the GPU (DocRED's sizes on the H200, docs/triton.md), the
         GPU runs them while the host goes through autograd to the backward, instead of after it.
         The same bits for an incoming gradient of 1 (``loss.backward()``) or a power of two;
-        otherwise one more rounding of d hs, d ts and d weight (d bias, nearly one number whose
-        error is a rounding or two, is summed in the backward from the scaled d loss / d logits, as
-        before). Not for fp16 operands, where d loss / d logits would be rounded to fp16 unscaled:
-        small gradients flush to zero there unless a GradScaler's scale comes first. Not where no
-        gradient is needed, nor where saved-tensor hooks are set (activation checkpointing,
-        save_on_cpu): the gradients would be held as they are, past the hooks."""
+        otherwise one more rounding of d hs, d ts and d weight in their dtype (bf16 d hs and d ts
+        under autocast: about twice the error, e.g. 3.1e-3 against 1.6e-3 relative for 0.3). d
+        bias, nearly one number whose error is a rounding or two, is summed in the backward from
+        the scaled d loss / d logits, as before. Until the backward, the node holds d hs, d ts
+        and d weight (19 MB for DocRED's fp32 weight), where the lazy path held nothing more than
+        its saved inputs. Not for fp16 operands, where d loss / d logits would be rounded to fp16
+        unscaled: small gradients flush to zero there unless a GradScaler's scale comes first.
+        Not where only the bias needs a gradient, nor where saved-tensor hooks are set
+        (activation checkpointing, save_on_cpu): the gradients would be held as they are, past
+        the hooks."""
         hs, ts, weight, reduction = inputs[0], inputs[1], inputs[2], inputs[10]
-        if (reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:4])
+        if (reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:3])
                 and saved_tensor_hooks() is None):
-            ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight)[:3]
+            ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight, bias=False)[:3]
 
     def scaled_unit_grads(ctx, grad_loss, dloss_dlogits):
         """The gradients fused_eager_setup computed, scaled in place by `grad_loss`, and d bias,

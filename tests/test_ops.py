@@ -125,17 +125,39 @@ def test_eager_function_matches_operator(device, family, reduction, incoming):
 
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_second_backward_of_a_scalar_loss(device, backend):
-    """A scalar fused loss's first backward hands over the gradients its forward computed
-    (_op_autograd's fused_eager_setup); a second one (retain_graph=True) computes them again, to
-    the same bits: the gradients accumulate to exactly twice one backward's."""
-    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
+    """A scalar fused loss's first backward hands over the gradients its forward computed, scaled
+    (_op_autograd's fused_eager_setup); a second one (retain_graph=True), under another incoming
+    gradient, computes them again: each against the reference."""
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
     params = leaves(hs, ts, weight, bias)
+    want = leaves(hs, ts, weight, bias)
     loss = ncrl_kernels.fused_ncrl(*params, labels, block_size=4, symmetric=True, backend=backend)
-    loss.backward(retain_graph=True)
-    once = [p.grad.clone() for p in params]
-    loss.backward()
-    for p, g in zip(params, once):
-        assert torch.equal(p.grad, 2 * g)
+    expected = ncrl_kernels.fused_ncrl(*want, labels.cpu(), block_size=4, symmetric=True, backend="reference")
+    for scale in (0.3, 2.5):
+        (loss * scale).backward(retain_graph=True)
+        (expected * scale).backward(retain_graph=True)
+        for p, w in zip(params, want):
+            assert_close(p.grad, w.grad, torch.float64, f"x{scale}")
+
+
+@pytest.mark.parametrize("needs_grad", ["hs", "weight", "bias", "hs+bias"])
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_some_inputs_need_gradients(device, backend, needs_grad):
+    """Only some of hs, ts, weight and bias require gradients (frozen weights, bias-only tuning):
+    theirs match the reference under an incoming gradient other than 1, the others stay None."""
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
+    names = ("hs", "ts", "weight", "bias")
+    results = []
+    for run_backend in (backend, "reference"):
+        inputs = [x.detach().clone().requires_grad_(name in needs_grad.split("+")) for name, x in zip(names, (
+            hs, ts, weight, bias))]
+        loss = ncrl_kernels.fused_ncrl(*inputs, labels, block_size=4, backend=run_backend)
+        (loss * 0.3).backward()
+        results.append([x.grad for x in inputs])
+    for name, got, want in zip(names, *results):
+        assert (got is None) == (want is None) == (name not in needs_grad.split("+")), name
+        if got is not None:
+            assert_close(got, want, torch.float64, name)
 
 
 class PassThroughMode(TorchDispatchMode):

@@ -131,8 +131,9 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
                 grad_dtypes=None):
     """The operator's head backward, with d hs, d ts and d weight in `grad_dtypes` (None: their
     inputs' dtypes), what the eager route runs (_op_autograd.OpFamily). The kernels write them
-    from their fp32 accumulators, so under autocast fp32 inputs get their fp32 gradients without
-    a cast kernel each, and without eager autocast's rounding to 16 bits on the way."""
+    from their fp32 accumulators, so under autocast the fp32 weight, which the eager route casts
+    itself, gets its fp32 gradient without a cast kernel, and without eager autocast's rounding
+    to 16 bits on the way."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad, grad_dtypes=grad_dtypes)
