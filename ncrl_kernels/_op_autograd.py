@@ -19,6 +19,13 @@ import torch
 
 from .reference import autocast_head, head_dtype, loss_dtype
 
+# Device types whose fused forward also queues the head's gradient kernels (fused_eager_setup):
+# where kernels run asynchronously, so the GPU can run them while the host goes on. The CPU runs
+# them synchronously, so its forward would only get slower by what its backward saves (and
+# bench/run.py's fwd and bwd rows would mean something else); the test suite adds "cpu" so that
+# CI without a GPU runs the GPU's path (tests/conftest.py).
+QUEUED_DEVICES = ("cuda",)
+
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
 FUSED_ARGS = 11  # hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction
@@ -135,8 +142,9 @@ def register_autograd(register, head_backward):
         ctx.unit_grads = None
 
     def fused_eager_setup(ctx, inputs, output):
-        """For a scalar loss ("mean", "sum"), the eager route runs the head backward in the forward,
-        for an incoming gradient of 1, and the backward scales those gradients by the real one
+        """For a scalar loss ("mean", "sum") on a GPU (QUEUED_DEVICES), the eager route runs the head
+        backward in the forward, for an incoming gradient of 1, and the backward scales those
+        gradients by the real one
         (``scaled_unit_grads``). The gradient kernels are then queued right behind the forward's:
         where the host is slower than the GPU (DocRED's sizes on the H200, docs/triton.md), the
         GPU runs them while the host goes through autograd to the backward, instead of after it.
@@ -152,8 +160,8 @@ def register_autograd(register, head_backward):
         (activation checkpointing, save_on_cpu): the gradients would be held as they are, past
         the hooks."""
         hs, ts, weight, reduction = inputs[0], inputs[1], inputs[2], inputs[10]
-        if (reduction != "none" and hs.dtype != torch.float16 and any(ctx.needs_input_grad[:3])
-                and saved_tensor_hooks() is None):
+        if (hs.device.type in QUEUED_DEVICES and reduction != "none" and hs.dtype != torch.float16
+                and any(ctx.needs_input_grad[:3]) and saved_tensor_hooks() is None):
             ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight, bias=False)[:3]
 
     def scaled_unit_grads(ctx, grad_loss, dloss_dlogits):

@@ -140,6 +140,19 @@ def test_second_backward_of_a_scalar_loss(device, backend):
             assert_close(p.grad, w.grad, torch.float64, f"x{scale}")
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_gradients_queued_on_gpus_only(device, backend, monkeypatch):
+    """A scalar fused loss's forward queues the gradient kernels on CUDA tensors only, where the
+    GPU runs them while the host goes on; the CPU runs kernels as they are called, so its forward
+    leaves them to the backward (the tests make the CPU take the GPU's path: conftest.py)."""
+    from ncrl_kernels import _op_autograd
+
+    monkeypatch.setattr(_op_autograd, "QUEUED_DEVICES", ("cuda",))
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
+    loss = ncrl_kernels.fused_ncrl(*leaves(hs, ts, weight, bias), labels, block_size=4, backend=backend)
+    assert (loss.grad_fn.unit_grads is not None) == (device == "cuda")
+
+
 @pytest.mark.parametrize("needs_grad", ["hs", "weight", "bias", "hs+bias"])
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_some_inputs_need_gradients(device, backend, needs_grad):
