@@ -43,17 +43,15 @@ COLUMNS = ["provider", "dtype", "n_pairs", "emb", "block", "classes", "peak_mem_
 
 @contextlib.contextmanager
 def eager_route():
-    """Calls take the eager route as on a GPU, though the tensors are the CPU's (the forward
-    queues the gradient kernels: _op_autograd.QUEUED_DEVICES) and the tracker is a dispatch mode
-    (under one, _op_autograd.dispatches_ops sends them to the registered operators, whose buffers
-    the mode cannot see inside). Nothing in the modelled step works on ops (compile, tensor
-    subclasses)."""
-    dispatches_ops, queued = _op_autograd.dispatches_ops, _op_autograd.QUEUED_DEVICES
-    _op_autograd.dispatches_ops, _op_autograd.QUEUED_DEVICES = (lambda args: False), ("cpu",)
+    """Calls take the eager route, as on a GPU, though the tracker is a dispatch mode (under one,
+    _op_autograd.dispatches_ops sends them to the registered operators, whose buffers the mode
+    cannot see inside). Nothing in the modelled step works on ops (compile, tensor subclasses)."""
+    dispatches_ops = _op_autograd.dispatches_ops
+    _op_autograd.dispatches_ops = lambda args: False
     try:
         yield
     finally:
-        _op_autograd.dispatches_ops, _op_autograd.QUEUED_DEVICES = dispatches_ops, queued
+        _op_autograd.dispatches_ops = dispatches_ops
 
 
 def peak_mib(case, autocast_dtype):

@@ -143,7 +143,7 @@ if LOAD_ERROR is None:
     _IMPLS["head_backward"] = _head_backward_in(_IMPLS["head_backward"])
     _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
     _op_autograd.register_autograd(
-        lambda name, backward, setup, _eager_setup: torch.library.register_autograd(
+        lambda name, backward, setup: torch.library.register_autograd(
             f"ncrl_kernels::{name}", backward, setup_context=setup),
         _FAMILY.head_backward,
     )

@@ -12,19 +12,12 @@ the inputs and d loss / d logits ([N, C]) is saved.
 
 Eager calls skip the operator machinery (``OpFamily``): the same kernels and the same autograd
 formulas run as a plain ``torch.autograd.Function``, which also casts the weight under autocast
-and, for a scalar loss, runs the head backward in the forward (``autograd_functions``);
-``torch.compile`` traces the operators, with autocast's casts outside them.
+(``autograd_functions``); ``torch.compile`` traces the operators, with autocast's casts outside
+them.
 """
 import torch
 
 from .reference import autocast_head, head_dtype, loss_dtype
-
-# Device types whose fused forward also queues the head's gradient kernels (fused_eager_setup):
-# where kernels run asynchronously, so the GPU can run them while the host goes on. The CPU runs
-# them synchronously, so its forward would only get slower by what its backward saves (and
-# bench/run.py's fwd and bwd rows would mean something else); the test suite adds "cpu" so that
-# CI without a GPU runs the GPU's path (tests/conftest.py).
-QUEUED_DEVICES = ("cuda",)
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
@@ -89,10 +82,8 @@ def scaled_grad(grad_loss, dloss_dlogits):
 def register_autograd(register, head_backward):
     """Register the autograd of one family's head_forward, loss_forward and fused_forward.
 
-    ``register(name, backward, setup_context, eager_setup)`` registers for the family's op ``name``
-    (e.g. ``"head_forward"``); ``eager_setup(ctx, inputs, output)`` (or None) is what only the
-    eager route's Function does after ``setup_context``. ``head_backward`` is the family's
-    ``OpFamily.head_backward``.
+    ``register(name, backward, setup_context)`` registers for the family's op ``name`` (e.g.
+    ``"head_forward"``); ``head_backward`` is the family's ``OpFamily.head_backward``.
     """
 
     def save_head(ctx, hs, ts, weight, bias, block_size, symmetric, extra, *tensors):
@@ -101,16 +92,14 @@ def register_autograd(register, head_backward):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast them sets theirs
 
-    def head_grads(ctx, grad_logits, hs, ts, weight, bias=True):
-        """Gradients of (hs, ts, weight, bias), None where not needed (d bias also where `bias`
-        is False)."""
+    def head_grads(ctx, grad_logits, hs, ts, weight):
+        """Gradients of (hs, ts, weight, bias), None where not needed."""
         need = ctx.needs_input_grad
-        need_bias = need[3] and bias
         dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
-                                                 need[0] or need[1], need[2] or need_bias, *ctx.extra,
+                                                 need[0] or need[1], need[2] or need[3], *ctx.extra,
                                                  grad_dtypes=ctx.grad_dtypes)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
-                dbias.to(ctx.bias_dtype) if need_bias else None)
+                dbias.to(ctx.bias_dtype) if need[3] else None)
 
     def head_setup(ctx, inputs, output):
         save_head(ctx, *inputs[:HEAD_ARGS], inputs[HEAD_ARGS:])
@@ -139,74 +128,23 @@ def register_autograd(register, head_backward):
         save_head(ctx, hs, ts, weight, bias, block_size, symmetric, inputs[FUSED_ARGS:], dloss_dlogits)
         ctx.mark_non_differentiable(logits, dloss_dlogits)
         ctx.set_materialize_grads(False)
-        ctx.unit_grads = None
-
-    def fused_eager_setup(ctx, inputs, output):
-        """For a scalar loss ("mean", "sum") on a GPU (QUEUED_DEVICES), the eager route runs the head
-        backward in the forward, for an incoming gradient of 1, and the backward scales those
-        gradients by the real one
-        (``scaled_unit_grads``). The gradient kernels are then queued right behind the forward's:
-        where the host is slower than the GPU (DocRED's sizes on the H200, docs/triton.md), the
-        GPU runs them while the host goes through autograd to the backward, instead of after it.
-        The same bits for an incoming gradient of 1 (``loss.backward()``) or a power of two;
-        otherwise one more rounding of d hs, d ts and d weight in their dtype (bf16 d hs and d ts
-        under autocast: about twice the error, e.g. 3.1e-3 against 1.6e-3 relative for 0.3). d
-        bias, nearly one number whose error is a rounding or two, is summed in the backward from
-        the scaled d loss / d logits, as before. Until the backward, the node holds d hs, d ts
-        and d weight (19 MB for DocRED's fp32 weight), where the lazy path held nothing more than
-        its saved inputs. Not for fp16 operands, where d loss / d logits would be rounded to fp16
-        unscaled: small gradients flush to zero there unless a GradScaler's scale comes first.
-        Not where only the bias needs a gradient, nor where saved-tensor hooks are set
-        (activation checkpointing, save_on_cpu): the gradients would be held as they are, past
-        the hooks."""
-        hs, ts, weight, reduction = inputs[0], inputs[1], inputs[2], inputs[10]
-        if (hs.device.type in QUEUED_DEVICES and reduction != "none" and hs.dtype != torch.float16
-                and any(ctx.needs_input_grad[:3]) and saved_tensor_hooks() is None):
-            ctx.unit_grads = head_grads(ctx, output[2], hs, ts, weight, bias=False)[:3]
-
-    def scaled_unit_grads(ctx, grad_loss, dloss_dlogits):
-        """The gradients fused_eager_setup computed, scaled in place by `grad_loss`, and d bias,
-        handed over: None where there are none (the operator route, a "none" reduction, fp16),
-        where they were handed over already (a second backward, retain_graph=True) or where the
-        incoming gradient is batched or traced; the backward then runs the head backward as
-        usual."""
-        grads = ctx.unit_grads
-        if (grads is None or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
-                or dispatches_ops((grad_loss,))):
-            return None
-        ctx.unit_grads = None
-        torch._foreach_mul_([g for g in grads if g is not None], grad_loss)
-        dbias = scaled_grad(grad_loss, dloss_dlogits).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return (*grads, dbias)
 
     def fused_backward_fn(ctx, grad_loss, _grad_logits, _grad_dlogits):
         hs, ts, weight, dloss_dlogits = ctx.saved_tensors
-        if grad_loss is None:
-            grads = (None,) * 4
-        else:
-            grads = (scaled_unit_grads(ctx, grad_loss, dloss_dlogits)
-                     or head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts, weight))
+        grads = (None,) * 4 if grad_loss is None else head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts,
+                                                                 weight)
         return (*grads, *[None] * (FUSED_ARGS - 4 + len(ctx.extra)))
 
-    register("head_forward", head_backward_fn, head_setup, None)
-    register("loss_forward", loss_backward_fn, loss_setup, None)
-    register("fused_forward", fused_backward_fn, fused_setup, fused_eager_setup)
-
-
-def saved_tensor_hooks():
-    """The innermost default saved-tensor hooks set (torch.autograd.graph.saved_tensors_hooks:
-    activation checkpointing, save_on_cpu), or None. Private; None where this torch lacks it."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False)
+    register("head_forward", head_backward_fn, head_setup)
+    register("loss_forward", loss_backward_fn, loss_setup)
+    register("fused_forward", fused_backward_fn, fused_setup)
 
 
 def autograd_functions(forwards, head_backward):
     """``torch.autograd.Function``s with the formulas ``register_autograd`` gives the operators:
     name -> Function whose forward is ``forwards[name]`` (the op's implementation), taking the op's
-    arguments, then the autocast dtype (None: off; always None for the loss, which has no
-    weight) and whether grad mode was on at the call (inside a forward it is off, and
-    ``ctx.needs_input_grad`` does not say: an op called under torch.no_grad must not run its
-    backward); their backward calls ``head_backward``.
+    arguments and then the autocast dtype (None: off; always None for the loss, which has no
+    weight); their backward calls ``head_backward``.
 
     Under autocast the forward casts the weight itself, unrecorded (grad mode is off there), and
     the head backward writes d weight in the weight's own dtype: no autograd node for the cast,
@@ -217,13 +155,13 @@ def autograd_functions(forwards, head_backward):
     against 55 MiB, where eager's is 1179; bench/memory_model.py, docs/triton.md)."""
     functions = {}
 
-    def register(name, backward, setup_context, eager_setup):
+    def register(name, backward, setup_context):
         impl = forwards[name]
 
         # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds
         # its arguments through inspect.signature on every call.
-        def forward(ctx, *args_and_options):
-            *args, autocast, recording = args_and_options
+        def forward(ctx, *args_and_autocast):
+            *args, autocast = args_and_autocast
             weight_dtype = None
             if autocast is not None:
                 weight = args[2]
@@ -233,8 +171,6 @@ def autograd_functions(forwards, head_backward):
             setup_context(ctx, args, output)
             if weight_dtype is not None:
                 ctx.grad_dtypes = (args[0].dtype, args[1].dtype, weight_dtype)
-            if eager_setup is not None and recording:
-                eager_setup(ctx, args, output)
             return output
 
         # A backward that is to be differentiated again (create_graph) is refused: the gradients
@@ -246,7 +182,7 @@ def autograd_functions(forwards, head_backward):
                     "ncrl_kernels' fused ops have first derivatives only: their backward cannot be "
                     "differentiated again (create_graph=True, double backward, gradient penalties); use "
                     "backend='reference' for that")
-            return *backward(ctx, *grads), None, None  # none for the autocast dtype and the grad mode
+            return *backward(ctx, *grads), None  # no gradient for the autocast dtype
 
         functions[name] = type(f"{name}_function", (torch.autograd.Function,),
                                {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward)})
@@ -301,7 +237,7 @@ class OpFamily:
 
     def function(self, name, *args, autocast=None):
         """Op `name` through its autograd.Function (the eager route), whatever the arguments."""
-        return self.functions[name].apply(*args, autocast, torch.is_grad_enabled())
+        return self.functions[name].apply(*args, autocast)
 
     def head_backward(self, grad_logits, *args, grad_dtypes=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched

@@ -25,7 +25,6 @@ from conftest import (
     make_labels,
     make_logits,
     run_fused,
-    upstream,
 )
 
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
@@ -179,40 +178,6 @@ def test_eager_calls_launch_directly(device, monkeypatch):
     assert launches == [False] * 9
     # What the operators declare for torch's compiled-graph cache (test_compiled_graph_cache_keys_on_the_kernels).
     assert kernels == set(backend_module().KERNELS)
-
-
-@pytest.mark.parametrize("reduction,dtype,queued", [("mean", torch.float32, True), ("sum", torch.float64, True),
-                                                    ("none", torch.float32, False), ("mean", torch.float16, False)])
-@pytest.mark.parametrize("device", triton_devices())
-def test_scalar_loss_queues_its_gradient_kernels_in_the_forward(device, reduction, dtype, queued, monkeypatch):
-    """An eager fused call with a scalar loss launches the gradient kernels in the forward, right
-    behind the forward's (the backward scales their results); a "none" loss, whose incoming
-    gradient differs per pair, and fp16, whose d loss / d logits needs a GradScaler's scale
-    before it is rounded, launch them in the backward."""
-    from ncrl_kernels.triton_kernels.backend import LAUNCHING_MODULES
-
-    launched = []
-    for module in LAUNCHING_MODULES:
-        def spy(kernel, launcher=module.launcher):
-            launched.append(kernel.fn.__name__)
-            return launcher(kernel)
-        monkeypatch.setattr(module, "launcher", spy)
-    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=dtype, device=device)
-    params = leaves(hs, ts, weight, bias)
-    value = ncrl_kernels.fused_ncrl(*params, labels, block_size=4, reduction=reduction, backend="triton")
-    in_forward = list(launched)
-    value.backward(upstream(value))
-    kernels = ["head_forward_kernel", "epilogue_kernel", "weight_grad_kernel", "input_grad_kernel"]
-    assert (in_forward, launched) == ((kernels, kernels) if queued else (kernels[:2], kernels))
-    want = run_fused("reference", *fp64(hs, ts, weight, bias), labels, block_size=4, reduction=reduction)
-    for name, got, expected in zip(RESULT_NAMES[2:], [p.grad for p in params], want[2:]):
-        assert_close(got, expected, dtype, name)
-    # Where no backward can follow, or saved-tensor hooks manage what a backward keeps, none is run.
-    for context in (torch.no_grad(), torch.autograd.graph.save_on_cpu()):
-        launched.clear()
-        with context:
-            ncrl_kernels.fused_ncrl(*params, labels, block_size=4, reduction=reduction, backend="triton")
-        assert launched == kernels[:2]
 
 
 def candidate_configs(device):

@@ -193,7 +193,7 @@ fused_forward = _define("fused_forward", _fused_forward)
 
 _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
 _op_autograd.register_autograd(
-    lambda name, backward, setup, _eager_setup: _OPS[name].register_autograd(backward, setup_context=setup),
+    lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup),
     _FAMILY.head_backward,
 )
 
