@@ -137,7 +137,8 @@ def kernel_rows(args, device, kind, symmetric, emit):
     grad = head_backward.padded_grad(x.grad_logits, dtype)
     weight_grad_operands = head_backward.weight_grad_operands(grad, x.hs, x.ts)
     for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
-        dweight = torch.empty_like(x.weight)
+        # In fp32 for 16-bit operands too, as under autocast with an fp32 weight (ATLOP's case).
+        dweight = torch.empty_like(x.weight, dtype=torch.promote_types(x.weight.dtype, torch.float32))
         measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_weight_grad(
             weight_grad_operands, d, n=n, tiles=t, **common) or d)
     weight = head_backward.input_grad_operand(x.weight)

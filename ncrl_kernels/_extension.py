@@ -127,11 +127,12 @@ def _below_autograd(op):
 
 
 def _head_backward_in(head_backward):
-    """The C++ head backward for OpFamily: it returns the gradients in its inputs' dtypes, then cast
-    to the ones asked for (under autocast, the uncast inputs')."""
+    """The C++ head backward as OpFamily calls it: `grad_dtypes` is not passed on, as the kernels
+    write the gradients in their inputs' dtypes; autograd casts them to the dtypes of the
+    Function's inputs (under autocast, the uncast weight's) as it returns them."""
 
     def call(*args, grad_dtypes=None):
-        return _op_autograd.grads_in(head_backward(*args), grad_dtypes)
+        return head_backward(*args)
     return call
 
 

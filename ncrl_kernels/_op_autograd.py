@@ -42,14 +42,6 @@ def empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_g
     )
 
 
-def grads_in(grads, grad_dtypes):
-    """Head gradients (d hs, d ts, d weight, d bias) with the first three cast to `grad_dtypes`
-    (None: as they are)."""
-    if grad_dtypes is None:
-        return grads
-    return (*(g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, grad_dtypes)), grads[3])
-
-
 def fake_loss_forward(logits, labels, loss, gamma, margin_reg, reduction, *extra):
     """(loss, d loss / d logits), both in the loss dtype."""
     dtype = loss_dtype(logits.dtype)
@@ -90,7 +82,7 @@ def register_autograd(register, head_backward):
         ctx.save_for_backward(hs, ts, weight, *tensors)
         ctx.block_size, ctx.symmetric, ctx.extra = block_size, symmetric, extra
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast them sets theirs
+        ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast the weight sets them
 
     def head_grads(ctx, grad_logits, hs, ts, weight):
         """Gradients of (hs, ts, weight, bias), None where not needed."""
@@ -146,10 +138,11 @@ def autograd_functions(forwards, head_backward):
     arguments and then the autocast dtype (None: off; always None for the loss, which has no
     weight); their backward calls ``head_backward``.
 
-    Under autocast the forward casts the weight itself, unrecorded (grad mode is off there), and
-    the head backward writes d weight in the weight's own dtype: no autograd node for the cast,
-    and no cast kernel in the backward (the Triton kernels write d weight from their fp32
-    accumulators). hs and ts arrive cast (OpFamily), their casts recorded by autograd as eager
+    Under autocast the forward casts the weight itself, unrecorded (grad mode is off there): no
+    autograd node for the cast. The backward returns d weight in the weight's own dtype: the
+    Triton kernels write it so from their fp32 accumulators (no cast kernel), the extension's in
+    the cast weight's, which autograd casts to the input's dtype as it does any Function's
+    gradient. hs and ts arrive cast (OpFamily), their casts recorded by autograd as eager
     autocast's are: writing their fp32 gradients directly too would hold them next to the 16-bit
     copies the backward reads, 12 MiB more peak memory at DocRED's N=4096 from fp32 leaves (67
     against 55 MiB, where eager's is 1179; bench/memory_model.py, docs/triton.md)."""
@@ -241,9 +234,13 @@ class OpFamily:
 
     def head_backward(self, grad_logits, *args, grad_dtypes=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched
-        (is_grads_batched, jacobian(vectorize=True)) or traced, else the implementation, which
-        takes ``grad_dtypes`` (d hs, d ts and d weight's dtypes, None: the inputs') and returns the
-        gradients in them."""
-        if torch._C._functorch.is_legacy_batchedtensor(grad_logits) or dispatches_ops((grad_logits, *args)):
-            return grads_in(self.ops["head_backward"](grad_logits, *args), grad_dtypes)
+        (is_grads_batched, jacobian(vectorize=True)), traced, or to be differentiated (grad mode
+        on: create_graph; the operator has no autograd, so that raises, where the implementation
+        below it would return gradients silently cut from the graph), else the implementation,
+        which takes ``grad_dtypes`` (d hs, d ts and d weight's dtypes, None: the inputs'), as the
+        Triton one writes them. Where it does not, autograd casts a Function's gradients to its
+        inputs' dtypes (the operator route never casts inside: ``__call__``)."""
+        if (torch._C._functorch.is_legacy_batchedtensor(grad_logits) or torch.is_grad_enabled()
+                or dispatches_ops((grad_logits, *args))):
+            return self.ops["head_backward"](grad_logits, *args)
         return self.impls["head_backward"](grad_logits, *args, grad_dtypes=grad_dtypes)

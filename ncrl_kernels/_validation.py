@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .reference import LOSSES
+from .reference import LOSSES, head_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -54,10 +54,8 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
     check_same_device(hs=hs, ts=ts, weight=weight, bias=bias)
     if hs.shape != ts.shape:
         raise ValueError(f"hs and ts must have the same shape [N, E], got {tuple(hs.shape)} and {tuple(ts.shape)}")
-    def run_dtype(x):
-        return autocast_dtype if autocast_dtype is not None and x.dtype != torch.float64 else x.dtype
-
-    if not (run_dtype(hs) == run_dtype(ts) == run_dtype(weight)):
+    if not (head_dtype(hs.dtype, autocast_dtype) == head_dtype(ts.dtype, autocast_dtype)
+            == head_dtype(weight.dtype, autocast_dtype)):
         raise TypeError(
             f"hs, ts and weight must share one dtype, got {hs.dtype}, {ts.dtype} and {weight.dtype}; "
             "cast them with .to(dtype) or run under torch.autocast"

@@ -114,7 +114,7 @@ def test_eager_function_matches_operator(device, family, reduction):
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
-def test_second_backward_of_a_scalar_loss(device, backend):
+def test_two_backwards_accumulate(device, backend):
     """Two backwards of one fused loss (retain_graph=True) under different incoming gradients: each
     accumulates its gradients, against the reference."""
     hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, dtype=torch.float64, device=device)
@@ -179,6 +179,22 @@ def test_autocast_through_the_operator(device, backend):
         assert torch.equal(got, want)
     for got, want in zip(eager[2:], operator[2:]):
         assert_close(got, want, torch.float16, "gradient")
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_operator_backward_cannot_be_differentiated(device, backend):
+    """Through the registered operator too (its forward run under a dispatch mode, the backward
+    outside one), a gradient penalty raises rather than running on gradients cut from the graph
+    (wrong second derivatives, silently): where the gradients are taken (C++) or where the
+    penalty is differentiated (Triton's operator, which has no autograd). Only the eager route's
+    Function says why."""
+    hs, ts, weight, bias, labels = make_head_inputs(20, 16, 4, 5, device=device)
+    params = leaves(hs, ts, weight, bias)
+    with PassThroughMode():
+        loss = ncrl_kernels.fused_ncrl(*params, labels, block_size=4, backend=backend)
+    with pytest.raises(RuntimeError):
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + sum((g ** 2).sum() for g in grads)).backward()
 
 
 @pytest.mark.parametrize("device,family", op_families())

@@ -65,9 +65,9 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     capability picks the candidate list, as on a GPU); configs are (Tiles or None, is_default)."""
     torch_dtype, ptr, precision = DTYPES[dtype]
     loss_ptr = "*fp64" if dtype == "fp64" else "*fp32"
-    # bf16's d weight as under autocast with an fp32 weight (the backward writes it in fp32 from
-    # its accumulator), fp16's as for fp16 parameters: both stores get compiled.
-    dweight_ptr = "*fp32" if dtype == "bf16" else ptr
+    # 16-bit d weight as under autocast with an fp32 weight (ATLOP's AMP), written in fp32 from
+    # the accumulator; 16-bit parameters' d weight differs only in that final store.
+    dweight_ptr = "*fp32" if dtype in ("bf16", "fp16") else ptr
     kind = kind_of(dtype)
 
     def tiles(table):
