@@ -127,11 +127,11 @@ def _below_autograd(op):
 
 
 def _head_backward_in(head_backward):
-    """The C++ head backward as OpFamily calls it: `grad_dtypes` is not passed on, as the kernels
-    write the gradients in their inputs' dtypes; autograd casts them to the dtypes of the
-    Function's inputs (under autocast, the uncast weight's) as it returns them."""
+    """The C++ head backward as OpFamily calls it: `weight_grad_dtype` is not passed on, as the
+    kernels write d weight in the (cast) weight's dtype; autograd casts it to the dtype of the
+    Function's input (under autocast, the uncast weight's) as it returns it."""
 
-    def call(*args, grad_dtypes=None):
+    def call(*args, weight_grad_dtype=None):
         return head_backward(*args)
     return call
 

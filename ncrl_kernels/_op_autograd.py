@@ -29,15 +29,14 @@ def fake_head_forward(hs, ts, weight, bias, block_size, symmetric, *extra):
 
 
 def empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad,
-                     *extra, grad_dtypes=None):
+                     *extra, weight_grad_dtype=None):
     """Unfilled (d hs, d ts, d weight, d bias), also the fake kernel: outputs not asked for are
-    empty; d hs, d ts and d weight in `grad_dtypes` (default: their inputs' dtypes), d bias in
-    the loss dtype."""
-    hs_dtype, ts_dtype, weight_dtype = grad_dtypes or (hs.dtype, ts.dtype, weight.dtype)
+    empty; d hs and d ts in their inputs' dtypes, d weight in `weight_grad_dtype` (default: the
+    weight's), d bias in the loss dtype."""
     return (
-        hs.new_empty(hs.shape if input_grad else 0, dtype=hs_dtype),
-        ts.new_empty(ts.shape if input_grad else 0, dtype=ts_dtype),
-        weight.new_empty(weight.shape if weight_grad else 0, dtype=weight_dtype),
+        hs.new_empty(hs.shape if input_grad else 0),
+        ts.new_empty(ts.shape if input_grad else 0),
+        weight.new_empty(weight.shape if weight_grad else 0, dtype=weight_grad_dtype or weight.dtype),
         weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype(hs.dtype)),
     )
 
@@ -82,14 +81,14 @@ def register_autograd(register, head_backward):
         ctx.save_for_backward(hs, ts, weight, *tensors)
         ctx.block_size, ctx.symmetric, ctx.extra = block_size, symmetric, extra
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.grad_dtypes = None  # the saved inputs' own; an eager Function that cast the weight sets them
+        ctx.weight_grad_dtype = None  # the saved weight's; an eager Function that cast it sets the input's
 
     def head_grads(ctx, grad_logits, hs, ts, weight):
         """Gradients of (hs, ts, weight, bias), None where not needed."""
         need = ctx.needs_input_grad
         dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
                                                  need[0] or need[1], need[2] or need[3], *ctx.extra,
-                                                 grad_dtypes=ctx.grad_dtypes)
+                                                 weight_grad_dtype=ctx.weight_grad_dtype)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
                 dbias.to(ctx.bias_dtype) if need[3] else None)
 
@@ -155,15 +154,13 @@ def autograd_functions(forwards, head_backward):
         # its arguments through inspect.signature on every call.
         def forward(ctx, *args_and_autocast):
             *args, autocast = args_and_autocast
-            weight_dtype = None
+            weight = args[2]
             if autocast is not None:
-                weight = args[2]
                 args[2] = weight.to(head_dtype(weight.dtype, autocast))
-                weight_dtype = weight.dtype if args[2] is not weight else None
             output = impl(*args)
             setup_context(ctx, args, output)
-            if weight_dtype is not None:
-                ctx.grad_dtypes = (args[0].dtype, args[1].dtype, weight_dtype)
+            if args[2] is not weight:
+                ctx.weight_grad_dtype = weight.dtype
             return output
 
         # A backward that is to be differentiated again (create_graph) is refused: the gradients
@@ -232,15 +229,15 @@ class OpFamily:
         """Op `name` through its autograd.Function (the eager route), whatever the arguments."""
         return self.functions[name].apply(*args, autocast)
 
-    def head_backward(self, grad_logits, *args, grad_dtypes=None):
+    def head_backward(self, grad_logits, *args, weight_grad_dtype=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched
         (is_grads_batched, jacobian(vectorize=True)), traced, or to be differentiated (grad mode
         on: create_graph; the operator has no autograd, so that raises, where the implementation
         below it would return gradients silently cut from the graph), else the implementation,
-        which takes ``grad_dtypes`` (d hs, d ts and d weight's dtypes, None: the inputs'), as the
-        Triton one writes them. Where it does not, autograd casts a Function's gradients to its
+        which takes ``weight_grad_dtype`` (d weight's dtype, None: the weight's), as the Triton
+        one writes it. Where it does not, autograd casts a Function's gradients to its
         inputs' dtypes (the operator route never casts inside: ``__call__``)."""
         if (torch._C._functorch.is_legacy_batchedtensor(grad_logits) or torch.is_grad_enabled()
                 or dispatches_ops((grad_logits, *args))):
             return self.ops["head_backward"](grad_logits, *args)
-        return self.impls["head_backward"](grad_logits, *args, grad_dtypes=grad_dtypes)
+        return self.impls["head_backward"](grad_logits, *args, weight_grad_dtype=weight_grad_dtype)

@@ -128,15 +128,16 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
 
 
 def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad, precision,
-                grad_dtypes=None):
-    """The operator's head backward, with d hs, d ts and d weight in `grad_dtypes` (None: their
-    inputs' dtypes), what the eager route runs (_op_autograd.OpFamily). The kernels write them
-    from their fp32 accumulators, so under autocast the fp32 weight, which the eager route casts
-    itself, gets its fp32 gradient without a cast kernel, and without eager autocast's rounding
-    to 16 bits on the way."""
+                weight_grad_dtype=None):
+    """The operator's head backward, with d weight in `weight_grad_dtype` (None: the weight's),
+    what the eager route runs (_op_autograd.OpFamily). The kernel writes it from its fp32
+    accumulator, so under autocast the fp32 weight, which the eager route casts itself, gets its
+    fp32 gradient without a cast kernel, and without eager autocast's rounding to 16 bits on the
+    way."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
-                                                             input_grad, weight_grad, grad_dtypes=grad_dtypes)
+                                                             input_grad, weight_grad,
+                                                             weight_grad_dtype=weight_grad_dtype)
     config = dict(block_size=block_size, symmetric=symmetric, precision=precision)
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
