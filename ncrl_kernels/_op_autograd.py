@@ -17,7 +17,7 @@ them.
 """
 import torch
 
-from .reference import autocast_head, head_dtype, loss_dtype
+from .reference import head_dtype, loss_dtype
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
@@ -221,7 +221,7 @@ class OpFamily:
             args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
         if dispatches_ops(args):
             if autocast is not None:
-                args = (*autocast_head(*args[:3], autocast), *args[3:])
+                args = (*args[:2], args[2].to(head_dtype(args[2].dtype, autocast)), *args[3:])
             return self.ops[name](*args)
         return self.function(name, *args, autocast=autocast)
 
