@@ -32,7 +32,9 @@ def kernel_model(n, emb, block, classes, kind, split=None):
     flop = 2.0 * n * emb * block * CLASS_TILE
     tensor_ms = flop / (PEAK_TFLOPS[kind] * 1e9)
     weight_bytes = classes * emb * block * elt
-    inputs_bytes = 2 * n * emb * elt
+    # hs and ts as bench/run.py passes them: fp32 (its bf16 runs autocast from fp32 leaves; the
+    # kernels round them as they load them), read, and their gradients written, in fp32.
+    inputs_bytes = 2 * n * emb * 4
     # The forward's split with its default config on the H200 (bench/kernels.py passes the real one).
     split = split or head_forward.split_for(head_forward.FORWARD_TILES[TABLE_KEY[kind]][0], n, emb, block, SMS)
     partial_bytes = split * n * classes * 4

@@ -25,19 +25,20 @@ FUSED_ARGS = 11  # hs, ts, weight, bias, labels, block_size, symmetric, loss, ga
 
 
 def fake_head_forward(hs, ts, weight, bias, block_size, symmetric, *extra):
-    return hs.new_empty((hs.shape[0], weight.shape[0]))
+    """Logits in the weight's dtype, the head's (hs and ts may be wider: see OpFamily)."""
+    return hs.new_empty((hs.shape[0], weight.shape[0]), dtype=weight.dtype)
 
 
 def empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad,
                      *extra, weight_grad_dtype=None):
     """Unfilled (d hs, d ts, d weight, d bias), also the fake kernel: outputs not asked for are
     empty; d hs and d ts in their inputs' dtypes, d weight in `weight_grad_dtype` (default: the
-    weight's), d bias in the loss dtype."""
+    weight's), d bias in the head's loss dtype."""
     return (
         hs.new_empty(hs.shape if input_grad else 0),
         ts.new_empty(ts.shape if input_grad else 0),
         weight.new_empty(weight.shape if weight_grad else 0, dtype=weight_grad_dtype or weight.dtype),
-        weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype(hs.dtype)),
+        weight.new_empty(weight.shape[0] if weight_grad else 0, dtype=loss_dtype(weight.dtype)),
     )
 
 
@@ -50,11 +51,12 @@ def fake_loss_forward(logits, labels, loss, gamma, margin_reg, reduction, *extra
 
 def fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction,
                        *extra):
-    """(loss, logits in the head's dtype, d loss / d logits)."""
-    dtype = loss_dtype(hs.dtype)
+    """(loss, logits in the head's dtype (the weight's), d loss / d logits)."""
+    dtype = loss_dtype(weight.dtype)
     n, classes = hs.shape[0], weight.shape[0]
     shape = (n,) if reduction == "none" else ()
-    return hs.new_empty(shape, dtype=dtype), hs.new_empty((n, classes)), hs.new_empty((n, classes), dtype=dtype)
+    return (hs.new_empty(shape, dtype=dtype), hs.new_empty((n, classes), dtype=weight.dtype),
+            hs.new_empty((n, classes), dtype=dtype))
 
 
 FAKES = {
@@ -141,10 +143,9 @@ def autograd_functions(forwards, head_backward):
     autograd node for the cast. The backward returns d weight in the weight's own dtype: the
     Triton kernels write it so from their fp32 accumulators (no cast kernel), the extension's in
     the cast weight's, which autograd casts to the input's dtype as it does any Function's
-    gradient. hs and ts arrive cast (OpFamily), their casts recorded by autograd as eager
-    autocast's are: writing their fp32 gradients directly too would hold them next to the 16-bit
-    copies the backward reads, 12 MiB more peak memory at DocRED's N=4096 from fp32 leaves (67
-    against 55 MiB, where eager's is 1179; bench/memory_model.py, docs/triton.md)."""
+    gradient. hs and ts arrive as OpFamily passes them: uncast where the implementations round
+    them as they load them (Triton), else cast, their casts recorded by autograd as eager
+    autocast's are."""
     functions = {}
 
     def register(name, backward, setup_context):
@@ -206,23 +207,29 @@ class OpFamily:
     works on ops rather than kernels (``dispatches_ops``), the registered operators, with their
     fake kernels and autograd, so the behaviour there is the operators'.
 
-    ``ops``, ``impls``: name -> the registered operator, its implementation."""
+    ``ops``, ``impls``: name -> the registered operator, its implementation. ``rounds_inputs``:
+    the head implementations take hs and ts in a wider dtype than the weight (fp32 under bf16
+    autocast) and round them to the weight's as their kernels load them (the Triton ones), so
+    under autocast the eager route leaves them uncast: no cast kernel, no autograd node and no
+    16-bit copy, and their gradients are written in their own dtype from the kernels' fp32
+    accumulators, not cast back from 16 bits."""
 
-    def __init__(self, ops, impls):
-        self.ops, self.impls = ops, impls
+    def __init__(self, ops, impls, rounds_inputs=False):
+        self.ops, self.impls, self.rounds_inputs = ops, impls, rounds_inputs
         self.functions = autograd_functions(impls, self.head_backward)
 
     def __call__(self, name, *args, autocast=None):
         """Op `name` on the op's arguments; for the head ops (hs, ts and weight first) the autocast
-        dtype, None where autocast is off. Under autocast, hs and ts are cast here, recorded by
-        autograd; the weight too where the operator runs, else in the Function
-        (``autograd_functions``)."""
-        if autocast is not None:
-            args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
+        dtype, None where autocast is off. Under autocast, where the operator runs, hs, ts and
+        the weight are cast here, recorded by autograd; on the eager route the weight is cast in
+        the Function (``autograd_functions``), and hs and ts here unless the implementations
+        round them (``rounds_inputs``)."""
         if dispatches_ops(args):
             if autocast is not None:
-                args = (*args[:2], args[2].to(head_dtype(args[2].dtype, autocast)), *args[3:])
+                args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:3]), *args[3:])
             return self.ops[name](*args)
+        if autocast is not None and not self.rounds_inputs:
+            args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
         return self.function(name, *args, autocast=autocast)
 
     def function(self, name, *args, autocast=None):

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ncrl_kernels
-from ncrl_kernels import _extension
+from ncrl_kernels import _dispatch, _extension
 
 from conftest import (all_backends, assert_close, dtypes_for, fp64, fused_backends, leaves, make_head_inputs,
                       make_logits, upstream)
@@ -159,9 +159,10 @@ class PassThroughMode(TorchDispatchMode):
 
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_autocast_through_the_operator(device, backend):
-    """Where ops are dispatched (torch.compile, dispatch modes) autocast's casts run before the
-    registered operator, the weight's too, recorded by autograd as eager autocast's are, and give
-    the eager route's loss and logits, and its gradients up to d weight's rounding to 16 bits."""
+    """Where ops are dispatched (torch.compile, dispatch modes) autocast's casts of hs, ts and the
+    weight run before the registered operator, recorded by autograd as eager autocast's are, and
+    give the eager route's loss and logits, and its gradients up to their rounding to 16 bits
+    (which the eager route skips where its kernels write them in fp32)."""
     hs, ts, weight, bias, labels = make_head_inputs(30, 32, 8, 5, device=device)
     results = []
     for mode in (contextlib.nullcontext(), PassThroughMode()):
@@ -170,8 +171,8 @@ def test_autocast_through_the_operator(device, backend):
             loss, logits = ncrl_kernels.fused_ncrl(*args, labels, block_size=8, return_logits=True, backend=backend)
             casts = [type(node).__name__ for node, _ in loss.grad_fn.next_functions[:3]]
             grads = torch.autograd.grad(loss, args)
-        weight_node = "ToCopyBackward0" if isinstance(mode, PassThroughMode) else "AccumulateGrad"
-        assert casts == ["ToCopyBackward0", "ToCopyBackward0", weight_node], casts
+        assert casts == (["ToCopyBackward0"] * 3 if isinstance(mode, PassThroughMode)
+                         else eager_autocast_nodes(device, backend)), casts
         assert all(g.dtype == torch.float32 for g in grads)
         results.append((loss, logits, *grads))
     eager, operator = results
@@ -343,17 +344,28 @@ def test_compile_inductor(device, backend):
         assert_close(a.grad, e.grad, torch.float32, "inductor grad")
 
 
+def eager_autocast_nodes(device, backend):
+    """The autograd nodes of a fused backend's eager op's hs, ts and weight under autocast from
+    fp32 leaves: the weight is cast inside the op, and hs and ts too where its kernels round them
+    as they load them (OpFamily.rounds_inputs); others keep autocast's recorded casts."""
+    rounds = _dispatch.resolve(backend, torch.device(device))._FAMILY.rounds_inputs
+    return ["AccumulateGrad"] * 3 if rounds else ["ToCopyBackward0", "ToCopyBackward0", "AccumulateGrad"]
+
+
+@pytest.mark.parametrize("ts_dtype", ["fp32", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device,backend", all_backends())
-def test_autocast(device, backend, dtype):
+def test_autocast(device, backend, dtype, ts_dtype):
     """Under autocast the head runs in the autocast dtype and the loss in fp32 (ATLOP's
-    loss_fnt(logits.float())); gradients come back in the parameters' fp32. The fused backends cast
-    the weight inside their op: no autograd node for it (hs and ts have autocast's), and Triton's
-    kernels write its fp32 gradient from their fp32 accumulators, not rounded to 16 bits on the
-    way as eager autocast's is."""
+    loss_fnt(logits.float())); gradients come back in their inputs' dtypes. The fused backends
+    cast the weight inside their op (no autograd node), and Triton's kernels round fp32 hs and ts
+    as they load them (no node either) and write the fp32 gradients from their fp32 accumulators,
+    not rounded to 16 bits on the way as eager autocast's are. ts either fp32 or already in the
+    autocast dtype (the output of an autocast linear, as ATLOP's are), hs fp32."""
     if dtype not in dtypes_for(device, backend):
         pytest.skip("the Triton interpreter has no bf16")
     hs, ts, weight, bias, labels = make_head_inputs(30, 32, 8, 5, device=device)
+    ts = ts if ts_dtype == "fp32" else ts.to(dtype)
     args = leaves(hs, ts, weight, bias)
     with torch.autocast(device, dtype=dtype):
         loss, logits = ncrl_kernels.fused_ncrl(*args, labels, block_size=8, return_logits=True, backend=backend)
@@ -361,14 +373,15 @@ def test_autocast(device, backend, dtype):
         loss_only = ncrl_kernels.ncrl_loss(head, labels, backend=backend)
     assert loss.dtype == torch.float32 and loss_only.dtype == torch.float32
     assert logits.dtype == dtype and head.dtype == dtype
-    if backend != "reference":
+    if backend != "reference" and ts_dtype == "fp32":
         for out in (loss, head):
             casts = [type(node).__name__ for node, _ in out.grad_fn.next_functions[:3]]
-            assert casts == ["ToCopyBackward0", "ToCopyBackward0", "AccumulateGrad"], casts
+            assert casts == eager_autocast_nodes(device, backend), casts
     grads = torch.autograd.grad(loss, args)
-    assert all(g.dtype == torch.float32 for g in grads)
+    assert [g.dtype for g in grads] == [x.dtype for x in args]
     if backend == "triton":
-        assert not torch.equal(grads[2], grads[2].to(dtype).float()), "d weight rounded to 16 bits"
+        for name, grad in zip(("d hs", "d weight"), grads[::2]):
+            assert not torch.equal(grad, grad.to(dtype).float()), f"{name} rounded to 16 bits"
     # The reference on the same 16-bit-rounded inputs, in fp64.
     want_args = fp64(*(x.to(dtype) for x in (hs, ts, weight)), bias)
     want = ncrl_kernels.fused_ncrl(*want_args, labels.cpu(), block_size=8, backend="reference")

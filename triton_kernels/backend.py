@@ -110,7 +110,7 @@ _OPS, _IMPLS = {}, {}
 def _head_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], block_size: int,
                   symmetric: bool, precision: str) -> Tensor:
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
-    logits = hs.new_empty((hs.shape[0], weight.shape[0]))
+    logits = hs.new_empty((hs.shape[0], weight.shape[0]), dtype=weight.dtype)
     with _on_device(hs):
         partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
         launch_epilogue(partial, None if bias is None else bias.contiguous(), logits)
@@ -179,9 +179,9 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
     store next to the d loss / d logits that the backward needs anyway."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
-    logits = hs.new_empty((n, classes))
-    dlogits = hs.new_empty((n, classes), dtype=loss_dtype(hs.dtype))
-    row_loss = hs.new_empty((n,), dtype=loss_dtype(hs.dtype))
+    logits = hs.new_empty((n, classes), dtype=weight.dtype)
+    dlogits = hs.new_empty((n, classes), dtype=loss_dtype(weight.dtype))
+    row_loss = hs.new_empty((n,), dtype=loss_dtype(weight.dtype))
     with _on_device(hs):
         partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
         launch_epilogue(partial, None if bias is None else bias.contiguous(), logits, labels=labels.contiguous(),
@@ -192,7 +192,7 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
 
 fused_forward = _define("fused_forward", _fused_forward)
 
-_FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS)
+_FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS, rounds_inputs=True)  # head_forward.rounded
 _op_autograd.register_autograd(
     lambda name, backward, setup: _OPS[name].register_autograd(backward, setup_context=setup),
     _FAMILY.head_backward,

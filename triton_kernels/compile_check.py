@@ -75,17 +75,21 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         candidates = candidates if all_configs else candidates[:1]
         return [(t, i == 0) for i, t in enumerate(candidates)]
 
+    # 16-bit heads take hs and ts in 16 bits (ATLOP's, outputs of autocast linears) or, uncast,
+    # in fp32 (autocast from fp32 activations, as bench/run.py's): the kernels round them as they
+    # load them (head_forward.rounded), and write their gradients in their dtype.
+    inputs = (ptr, "*fp32") if dtype in ("bf16", "fp16") else (ptr,)
     out = []
-    for symmetric in (False, True):
+    for symmetric, x in ((symmetric, x) for symmetric in (False, True) for x in inputs):
+        suffix = f"sym={symmetric}" + (" fp32 hs" if x != ptr else "")
         forward = head_forward.head_constants(emb, classes, block, symmetric, precision, torch_dtype)
         backward = head_backward.kernel_shapes(emb, classes, block, symmetric, precision, torch_dtype)
-        out.append((f"forward sym={symmetric}", head_forward.head_forward_kernel,
-                    dict(hs=ptr, ts=ptr, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
-        out.append((f"weight grad sym={symmetric}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, dweight=dweight_ptr), backward,
-                    tiles(head_backward.WEIGHT_GRAD_TILES)))
-        out.append((f"input grad sym={symmetric}", head_backward.input_grad_kernel,
-                    dict(grad=ptr, hs=ptr, ts=ptr, weight=ptr, dhs=ptr, dts=ptr), backward,
+        out.append((f"forward {suffix}", head_forward.head_forward_kernel,
+                    dict(hs=x, ts=x, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
+        out.append((f"weight grad {suffix}", head_backward.weight_grad_kernel,
+                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr), backward, tiles(head_backward.WEIGHT_GRAD_TILES)))
+        out.append((f"input grad {suffix}", head_backward.input_grad_kernel,
+                    dict(grad=ptr, hs=x, ts=x, weight=ptr, dhs=x, dts=x), backward,
                     tiles(head_backward.INPUT_GRAD_TILES)))
     epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS)
     pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr, row_loss=loss_ptr)
@@ -178,7 +182,7 @@ def main(argv=None):
                         constants = dict(constexprs, BLOCK_N=tiles.block_n, ROWS=rows_per_step(args.block, tiles.rows))
                         warps, stages = tiles.num_warps, tiles.num_stages
                         label_tiles = f"n{tiles.block_n} r{tiles.rows} w{warps} s{stages}"
-                    label = f"sm_{arch} {dtype:4s} {name:24s} {label_tiles:16s}{'*' if default else ' '}"
+                    label = f"sm_{arch} {dtype:4s} {name:32s} {label_tiles:16s}{'*' if default else ' '}"
                     start = time.time()
                     try:
                         compiled = compile_variant(kernel, pointers, constants, warps, stages, target)

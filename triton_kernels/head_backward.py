@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import TRITON_VERSION, Tiles, cdiv, mma, padded, pick_tiles
 from ._launch import launcher
-from .head_forward import head_constants, rows_of, weight_rows_at
+from .head_forward import head_constants, rounded, rows_of, weight_rows_at
 
 
 @triton.jit
@@ -40,8 +40,8 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, pair_stride, E: tl.constexpr, B: tl.con
                 COMPUTE: tl.constexpr, OPERAND: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr,
                 K_MAJOR: tl.constexpr):
     """The transpose of head_forward.kron_rows: ``[ROWS, BLOCK_J, BLOCK_N]`` in the dot's operand
-    dtype, feature rows s0 + r, columns j, pairs ns; products rounded to the operand dtype before
-    the symmetric max, as there. hs and ts are ``[N, E]``, or (K_MAJOR) their transposed copies
+    dtype, feature rows s0 + r, columns j, pairs ns; hs and ts rounded to the operand dtype, and
+    products rounded to it before the symmetric max, as there. hs and ts are ``[N, E]``, or (K_MAJOR) their transposed copies
     ``[E, pair_stride]``, pairs contiguous and zero-padded, read without a mask along the pairs."""
     rs = tl.arange(0, ROWS)
     js = tl.arange(0, BLOCK_J)
@@ -55,12 +55,12 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, pair_stride, E: tl.constexpr, B: tl.con
         rows_ok = n_ok[None, :]
         at_group = ns[None, :] * E + g * B + js[:, None]
         at_rows = ns[None, :] * E + s0 + rs[:, None]
-    t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(COMPUTE)
-    h_rows = tl.load(hs + at_rows, mask=rows_ok, other=0.0).to(COMPUTE)
+    t_group = rounded(tl.load(ts + at_group, mask=group_ok, other=0.0), OPERAND, COMPUTE)
+    h_rows = rounded(tl.load(hs + at_rows, mask=rows_ok, other=0.0), OPERAND, COMPUTE)
     x = (h_rows[:, None, :] * t_group[None, :, :]).to(OPERAND)
     if SYMMETRIC:
-        h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(COMPUTE)
-        t_rows = tl.load(ts + at_rows, mask=rows_ok, other=0.0).to(COMPUTE)
+        h_group = rounded(tl.load(hs + at_group, mask=group_ok, other=0.0), OPERAND, COMPUTE)
+        t_rows = rounded(tl.load(ts + at_rows, mask=rows_ok, other=0.0), OPERAND, COMPUTE)
         x = tl.maximum(x, (t_rows[:, None, :] * h_group[None, :, :]).to(OPERAND)).to(OPERAND)
     return x
 
@@ -116,6 +116,7 @@ def input_grad_kernel(
     K_MAJOR: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
+    OPERAND: tl.constexpr = weight.dtype.element_ty
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -136,9 +137,10 @@ def input_grad_kernel(
         w_ok = (cs[:, None] < C) & k_ok[None, :]
     group_ok = row_ok[:, None] & (js[None, :] < B)
     at_group = rows[:, None] * E + g * B + js[None, :]
-    # Held in the input dtype (half the registers of fp32 for bf16/fp16), widened where used.
-    t_group = tl.load(ts + at_group, mask=group_ok, other=0.0)
-    h_group = tl.load(hs + at_group, mask=group_ok, other=0.0)
+    # Held rounded to the operand dtype (half the registers of fp32 for bf16/fp16; hs and ts may
+    # be wider, see head_forward.rounded), widened where used.
+    t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(OPERAND)
+    h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(OPERAND)
     dh = tl.zeros([BLOCK_N, BLOCK_J], dtype=COMPUTE)
     dt = tl.zeros([BLOCK_N, BLOCK_J], dtype=COMPUTE)
     # As in the forward, hs's (and ts's) ROWS columns of a step are loaded one step ahead.
@@ -148,7 +150,7 @@ def input_grad_kernel(
         t_next = rows_of(ts, rows, row_ok, g * B, E, ROWS)
     for i0 in range(0, B, ROWS):
         s0 = g * B + i0
-        h_rows, t_rows = h_next.to(COMPUTE), t_next.to(COMPUTE)
+        h_rows, t_rows = rounded(h_next, OPERAND, COMPUTE), rounded(t_next, OPERAND, COMPUTE)
         ahead = g * B + (i0 + ROWS) % B  # the last step loads the group's first rows again, unused
         h_next = rows_of(hs, rows, row_ok, ahead, E, ROWS)
         if SYMMETRIC:
@@ -276,7 +278,7 @@ def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision
     weight_grad_operands' result for N pairs (all tensors contiguous). `tiles` overrides the
     default config."""
     classes, emb = dweight.shape[0], dweight.shape[1] // block_size
-    dtype = operands.hs.dtype  # the operands'
+    dtype = operands.grad.dtype  # the dots' operands' (hs and ts may be wider)
     shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dtype)
     tiles = tiles or pick_tiles(WEIGHT_GRAD_TILES, dtype, precision, dweight.device)
     launch = tiles.launch_args(block_size)
@@ -288,13 +290,13 @@ def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision
 
 def launch_input_grad(grad, weight, hs, ts, dhs, dts, *, classes, block_size, symmetric, precision, tiles=None):
     """Fill dhs and dts ``[N, E]`` (in any float dtype: written from the fp32 accumulators) from
-    padded_grad's grad and input_grad_operand's weight (all tensors contiguous). `tiles`
-    overrides the default config."""
+    padded_grad's grad and input_grad_operand's weight (all tensors contiguous; hs and ts may be
+    wider than the weight). `tiles` overrides the default config."""
     n, emb = hs.shape
     if n == 0:
         return
-    tiles = tiles or pick_tiles(INPUT_GRAD_TILES, hs.dtype, precision, hs.device)
+    tiles = tiles or pick_tiles(INPUT_GRAD_TILES, weight.dtype, precision, hs.device)
     launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
-        grad, hs, ts, weight, dhs, dts, n, **kernel_shapes(emb, classes, block_size, symmetric, precision, hs.dtype),
+        grad, hs, ts, weight, dhs, dts, n, **kernel_shapes(emb, classes, block_size, symmetric, precision, weight.dtype),
         **tiles.launch_args(block_size)
     )

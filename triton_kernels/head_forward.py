@@ -30,25 +30,35 @@ def rows_of(x, rows, row_ok, s0, E: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def rounded(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr):
+    """hs or ts values rounded to the dots' operand dtype (the weight's), in the compute dtype.
+    hs and ts may come in a wider dtype than the weight (fp32 under autocast, uncast: see
+    _op_autograd.OpFamily), and eager autocast rounds them before it multiplies; for inputs
+    already in the operand dtype the rounding is no instruction at all."""
+    return x.to(OPERAND).to(COMPUTE)
+
+
+@triton.jit
 def kron_rows(hs, ts, h_rows, t_rows, rows, row_ok, g, E: tl.constexpr, B: tl.constexpr, SYMMETRIC: tl.constexpr,
               COMPUTE: tl.constexpr, OPERAND: tl.constexpr, BLOCK_J: tl.constexpr):
     """Feature rows s0 .. s0 + ROWS - 1 of group g for a pair tile, ``[BLOCK_N, ROWS, BLOCK_J]`` in
     the dot's operand dtype, from h_rows = hs[:, s0 + r] and (symmetric) t_rows = ts[:, s0 + r]:
-    hs[n, s0 + r] * ts[n, g*B + j] (symmetric: max(hs_i ts_j, hs_j ts_i) with i = s0 + r - g*B).
-    Padding columns j >= B are 0. Products of bf16/fp16 values are exact in the compute dtype and
-    each is rounded once to the operand dtype, which the compiler does in one packed 16-bit
-    multiply (HMUL2). The symmetric max is taken after that rounding: rounding is monotonic, so
-    this is the rounded exact max (and what eager's bf16 torch.maximum computes), while a max of
-    fp32 products took 2.8x the instructions per step (sm_90 SASS, bf16)."""
+    hs[n, s0 + r] * ts[n, g*B + j] (symmetric: max(hs_i ts_j, hs_j ts_i) with i = s0 + r - g*B),
+    of hs and ts values rounded to the operand dtype. Padding columns j >= B are 0. Products of
+    bf16/fp16 values are exact in the compute dtype and each is rounded once to the operand dtype,
+    which the compiler does in one packed 16-bit multiply (HMUL2). The symmetric max is taken after
+    that rounding: rounding is monotonic, so this is the rounded exact max (and what eager's bf16
+    torch.maximum computes), while a max of fp32 products took 2.8x the instructions per step
+    (sm_90 SASS, bf16)."""
     js = tl.arange(0, BLOCK_J)
     group_ok = row_ok[:, None] & (js[None, :] < B)
     at_group = rows[:, None] * E + g * B + js[None, :]
-    t_group = tl.load(ts + at_group, mask=group_ok, other=0.0).to(COMPUTE)
-    x = (h_rows.to(COMPUTE)[:, :, None] * t_group[:, None, :]).to(OPERAND)
+    t_group = rounded(tl.load(ts + at_group, mask=group_ok, other=0.0), OPERAND, COMPUTE)
+    x = (rounded(h_rows, OPERAND, COMPUTE)[:, :, None] * t_group[:, None, :]).to(OPERAND)
     if SYMMETRIC:
-        h_group = tl.load(hs + at_group, mask=group_ok, other=0.0).to(COMPUTE)
+        h_group = rounded(tl.load(hs + at_group, mask=group_ok, other=0.0), OPERAND, COMPUTE)
         # (Triton computes a max of two bf16 tensors in fp32; the result is exact either way.)
-        x = tl.maximum(x, (t_rows.to(COMPUTE)[:, :, None] * h_group[:, None, :]).to(OPERAND)).to(OPERAND)
+        x = tl.maximum(x, (rounded(t_rows, OPERAND, COMPUTE)[:, :, None] * h_group[:, None, :]).to(OPERAND)).to(OPERAND)
     return x
 
 
@@ -109,11 +119,12 @@ def head_forward_kernel(
 # B=64), 3 stages; TF32 tiles are twice the bytes, so 2 stages; 3xTF32 holds three operand
 # splits, so one row per dot. "/sm8x": for GPUs without wgmma (_common.table_key), from the
 # sm_80, sm_86 and sm_89 compiles (untimed: no such GPU has run them): one row per dot, as two spill or
-# overflow shared memory there; 3xTF32 16-pair tiles, as Triton 3.8 spilled 32-pair ones (16 B per
+# overflow shared memory there; 16-bit 2 stages, as 3 needed 104 KB in the symmetric head with
+# fp32 hs and ts (autocast from fp32 activations), over sm_86's and sm_89's 99; 3xTF32 16-pair tiles, as Triton 3.8 spilled 32-pair ones (16 B per
 # thread on sm_86; Triton 3.6 and 3.9 did not), at the cost of reading W once per 16 pairs.
 FORWARD_TILES = {
     "16bit": [Tiles(128, 2, 8, 3), Tiles(64, 2, 4, 3), Tiles(128, 4, 8, 2)],
-    "16bit/sm8x": [Tiles(64, 1, 8, 3)],
+    "16bit/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32": [Tiles(128, 2, 8, 2), Tiles(64, 2, 4, 2)],
     "tf32/sm8x": [Tiles(64, 1, 8, 2)],
     "tf32x3": [Tiles(64, 1, 8, 2)],
@@ -160,18 +171,19 @@ def head_constants(emb, classes, block_size, symmetric, precision, dtype):
 
 def launch_head_forward(hs, ts, weight, *, block_size, symmetric, precision, tiles=None):
     """Partial logits ``[SPLIT, N, C]`` in the compute dtype (fp32, fp64 for fp64 inputs): their
-    sum over the first dimension is hs, ts's head without the bias. All tensors contiguous.
-    `tiles` overrides the default config (benchmarks and tests)."""
+    sum over the first dimension is hs, ts's head without the bias, run in the weight's dtype (hs
+    and ts may be wider: rounded to it as they are loaded). All tensors contiguous. `tiles`
+    overrides the default config (benchmarks and tests)."""
     n, emb = hs.shape
-    classes = weight.shape[0]
-    tiles = tiles or pick_tiles(FORWARD_TILES, hs.dtype, precision, hs.device)
+    classes, dtype = weight.shape[0], weight.dtype
+    tiles = tiles or pick_tiles(FORWARD_TILES, dtype, precision, hs.device)
     steps = row_steps(tiles, emb, block_size)
     split = split_count(tiles, n, emb, block_size, hs.device)
-    partial = hs.new_empty((split, n, classes), dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
+    partial = hs.new_empty((split, n, classes), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     if n == 0:
         return partial
     launcher(head_forward_kernel)[(cdiv(n, tiles.block_n), split)](
         hs, ts, weight, partial, n, cdiv(steps, split),
-        **head_constants(emb, classes, block_size, symmetric, precision, hs.dtype), **tiles.launch_args(block_size),
+        **head_constants(emb, classes, block_size, symmetric, precision, dtype), **tiles.launch_args(block_size),
     )
     return partial
