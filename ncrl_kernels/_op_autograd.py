@@ -245,6 +245,6 @@ class OpFamily:
         one writes it. Where it does not, autograd casts a Function's gradients to its
         inputs' dtypes (the operator route never casts inside: ``__call__``)."""
         if (torch._C._functorch.is_legacy_batchedtensor(grad_logits) or torch.is_grad_enabled()
-                or dispatches_ops((grad_logits, *args))):
+                or dispatches_ops((grad_logits, *args[:3]))):  # args: hs, ts, weight, then flags
             return self.ops["head_backward"](grad_logits, *args)
         return self.impls["head_backward"](grad_logits, *args, weight_grad_dtype=weight_grad_dtype)

@@ -41,7 +41,7 @@ from ._launch import direct_launches
 from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
                             weight_grad_operands)
 from .head_forward import launch_head_forward
-from .loss_rows import launch_epilogue
+from .loss_rows import launch_epilogue, per_pair_reduction
 
 # Every module whose kernels launch through its module-level ``launcher`` name: intercepting
 # launches means patching it in each (tests/test_triton.py, bench/host_path.py).
@@ -141,14 +141,17 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
     config = dict(block_size=block_size, symmetric=symmetric, precision=precision)
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
-    # never held together (head_backward.py).
+    # never held together (head_backward.py). d bias comes last: where the host issues the step
+    # slower than the GPU runs it, the step ends when the GPU finishes the kernels, which start
+    # when the host has launched them.
     grad = padded_grad(grad_logits, weight.dtype)
     with _on_device(hs):
         if weight_grad:
-            dbias = grad_logits.sum(0)
             launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, n=hs.shape[0], **config)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
+        if weight_grad:
+            dbias = grad_logits.sum(0)
     return dhs, dts, dweight, dbias
 
 
@@ -164,7 +167,7 @@ def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margi
     with _on_device(logits):
         launch_epilogue(logits[None], None, None, labels=labels.contiguous(), dlogits=dlogits, row_loss=row_loss,
                         loss=LOSS_CODES[loss], gamma=gamma, margin_reg=margin_reg, mean=reduction == "mean")
-    return reduce_pairs(row_loss, reduction), dlogits
+    return reduce_pairs(row_loss, per_pair_reduction(reduction)), dlogits
 
 
 loss_forward = _define("loss_forward", _loss_forward)
@@ -187,7 +190,7 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
         launch_epilogue(partial, None if bias is None else bias.contiguous(), logits, labels=labels.contiguous(),
                         dlogits=dlogits, row_loss=row_loss, loss=LOSS_CODES[loss], gamma=gamma,
                         margin_reg=margin_reg, mean=reduction == "mean")
-    return reduce_pairs(row_loss, reduction), logits, dlogits
+    return reduce_pairs(row_loss, per_pair_reduction(reduction)), logits, dlogits
 
 
 fused_forward = _define("fused_forward", _fused_forward)

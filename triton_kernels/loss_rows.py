@@ -128,8 +128,9 @@ def epilogue_kernel(
     """One program per BLOCK_N rows: f = sum_k partial[k] (in order k = 0, 1, ..., so the result
     does not depend on timing) + bias, in the loss dtype (fp32 or fp64); the logits in their
     dtype when WRITE_LOGITS; then, unless LOSS is HEAD_ONLY, the row losses and d(loss)/d(f) from
-    f itself (as the C++ kernels do, not from the logits rounded to bf16/fp16), 1/N-scaled for
-    the mean reduction. The loss-only op passes its logits as the one partial."""
+    f itself (as the C++ kernels do, not from the logits rounded to bf16/fp16), both divided by N
+    for the mean reduction: the row losses' sum is then the mean, without a division kernel on
+    the host's path (per_pair_reduction). The loss-only op passes its logits as the one partial."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
@@ -147,7 +148,8 @@ def epilogue_kernel(
         y = tl.load(labels + at, mask=ok, other=0.0).to(f.dtype)
         loss, grad = loss_rows(f, y, cols, C, LOSS, GAMMA, MARGIN_REG)
         if MEAN:
-            grad = grad / tl.maximum(N, 1).to(f.dtype)
+            pairs = tl.maximum(N, 1).to(f.dtype)
+            loss, grad = loss / pairs, grad / pairs
         tl.store(row_loss + rows, loss, mask=row_ok)
         tl.store(dlogits + at, grad, mask=ok)
 
@@ -155,8 +157,8 @@ def epilogue_kernel(
 def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_loss=None, loss=0, gamma=0.0,
                     margin_reg=False, mean=False):
     """From partial ``[SPLIT, N, C]`` (loss dtype): logits [N, C] (None: not written) and, when
-    `loss` is a loss code (not 0, head only), row_loss [N] and dlogits [N, C] in the loss dtype.
-    All tensors contiguous; `labels` in the loss dtype."""
+    `loss` is a loss code (not 0, head only), row_loss [N] and dlogits [N, C] in the loss dtype,
+    divided by N where `mean`. All tensors contiguous; `labels` in the loss dtype."""
     split, n, classes = partial.shape
     if n == 0:
         return
@@ -166,3 +168,9 @@ def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_los
         LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes), BLOCK_N=EPILOGUE_ROWS,
         num_warps=4, **COMPILE_OPTIONS,
     )
+
+
+def per_pair_reduction(reduction):
+    """The reduction that turns the epilogue's row losses into the loss for `reduction`: its row
+    losses are already divided by N for "mean", so their sum is it."""
+    return "sum" if reduction == "mean" else reduction
