@@ -29,8 +29,12 @@ from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  
 from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles  # noqa: E402
 from ncrl_kernels.triton_kernels._launch import direct_launches  # noqa: E402
 
-# Benchmark dtypes: the inputs' dtype and the fp32 matmul precision the kernels get.
-KINDS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3")}
+# Benchmark dtypes: the head's dtype (the weight's, the dots' operands'), the fp32 matmul precision
+# the kernels get, and hs's and ts's dtype. "bf16-amp": a bf16 head with fp32 hs and ts, which the
+# kernels round as they load them, as under autocast from fp32 activations (bench/run.py's step);
+# "bf16": bf16 hs and ts, as ATLOP's autocast linears give them.
+KINDS = {"bf16": (torch.bfloat16, "ieee", torch.bfloat16), "bf16-amp": (torch.bfloat16, "ieee", torch.float32),
+         "tf32": (torch.float32, "tf32", torch.float32), "tf32x3": (torch.float32, "tf32x3", torch.float32)}
 COLUMNS = ["kernel", "kind", "symmetric", "n_pairs", "emb", "block", "classes", "tiles", "split", "ms", "model_ms",
            "tflops", "max_rel_diff", "device", "commit", "timestamp"]
 
@@ -70,7 +74,8 @@ class Inputs:
     grad_logits: torch.Tensor  # d loss / d logits [N, C]
 
 
-def make_inputs(n, emb, block, classes, dtype, device, seed=0):
+def make_inputs(n, emb, block, classes, dtype, device, seed=0, inputs_dtype=None):
+    """Inputs in `dtype`, hs and ts in `inputs_dtype` (default: `dtype`)."""
     g = torch.Generator().manual_seed(seed)
     hs = torch.rand(n, emb, generator=g) * 2 - 1
     ts = torch.rand(n, emb, generator=g) * 2 - 1
@@ -78,8 +83,9 @@ def make_inputs(n, emb, block, classes, dtype, device, seed=0):
     labels = torch.zeros(n, classes)
     labels[:, 0] = 1.0
     grad_logits = torch.randn(n, classes, generator=g) / n
-    to = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
-    return Inputs(to(hs), to(ts), to(weight), labels.to(device), grad_logits.to(device))
+    to = lambda x, dt=dtype: x.to(device=device, dtype=dt)  # noqa: E731
+    inputs_dtype = inputs_dtype or dtype
+    return Inputs(to(hs, inputs_dtype), to(ts, inputs_dtype), to(weight), labels.to(device), grad_logits.to(device))
 
 
 def tiles_name(tiles):
@@ -88,12 +94,12 @@ def tiles_name(tiles):
 
 def kernel_rows(args, device, kind, symmetric, emit):
     """Time every candidate of every kernel for one (kind, symmetric) at N = args.n."""
-    dtype, precision = KINDS[kind]
+    dtype, precision, inputs_dtype = KINDS[kind]
     n, emb, block, classes = args.n, args.emb, args.block, args.classes
-    x = make_inputs(n, emb, block, classes, dtype, device)
+    x = make_inputs(n, emb, block, classes, dtype, device, inputs_dtype=inputs_dtype)
     common = dict(block_size=block, symmetric=symmetric, precision=precision)
     default_forward = candidate_tiles(head_forward.FORWARD_TILES, dtype, precision, x.hs.device)[0]
-    model = roofline.kernel_model(n, emb, block, classes, kind,
+    model = roofline.kernel_model(n, emb, block, classes, kind.removesuffix("-amp"),
                                   split=head_forward.split_count(default_forward, n, emb, block, device))
 
     firsts = {}  # kernel -> the first (default) candidate's output, which the others must match
@@ -150,8 +156,10 @@ def kernel_rows(args, device, kind, symmetric, emit):
 
 def accuracy(args, device, kind, symmetric):
     """Default configs through fused_ncrl + backward against the fp64 reference, with the same
-    comparison for eager (the reference backend in the same dtype and precision)."""
-    dtype, precision = KINDS[kind]
+    comparison for eager (the reference backend in the same dtype and precision; "-amp" kinds
+    under autocast from fp32 leaves)."""
+    dtype, precision, inputs_dtype = KINDS[kind]
+    amp = inputs_dtype != dtype
     n = min(args.n, args.accuracy_n)
     x = make_inputs(n, args.emb, args.block, args.classes, torch.float64, device, seed=1)
     labels = torch.zeros(n, args.classes, device=device)
@@ -160,8 +168,10 @@ def accuracy(args, device, kind, symmetric):
     kw = dict(block_size=args.block, symmetric=symmetric, gamma=0.05, return_logits=True)
 
     def run(backend, dt):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (x.hs, x.ts, x.weight, bias)]
-        loss, logits = ncrl_kernels.fused_ncrl(*leaves, labels, backend=backend, **kw)
+        leaves = [t.detach().to(dt if dt == torch.float64 or not amp else torch.float32).requires_grad_()
+                  for t in (x.hs, x.ts, x.weight, bias)]
+        with torch.autocast(device.type, dtype=dt, enabled=amp and dt != torch.float64):
+            loss, logits = ncrl_kernels.fused_ncrl(*leaves, labels, backend=backend, **kw)
         loss.backward()
         return [loss.detach(), logits.detach()] + [t.grad for t in leaves]
 
@@ -193,7 +203,8 @@ def main(argv=None):
     p.add_argument("--results", default=harness.RESULTS_DIR)
     args = p.parse_args(argv)
     if TRITON_INTERPRET:
-        KINDS.update({k: (torch.float32, v[1]) for k, v in KINDS.items()})  # the interpreter has no bf16
+        # The interpreter has no bf16: fp16 in its place (its tl.dot takes fp16).
+        KINDS.update({k: tuple(torch.float16 if x == torch.bfloat16 else x for x in v) for k, v in KINDS.items()})
     device = torch.device(args.device)
     name = harness.device_name(device)
     commit, stamp = harness.git_commit(), harness.timestamp()

@@ -263,17 +263,18 @@ def test_host_path_runs(tmp_path):
 
 def test_kernels_script(tmp_path):
     """bench/kernels.py, which only a GPU check runs for real, end to end at a tiny shape: a row
-    for every kernel, plain and symmetric (a config that fails is reported, not raised, so a
-    missing row is the failure)."""
+    for every kernel, plain and symmetric, in TF32 and with 16-bit operands from fp32 hs and ts
+    (a config that fails is reported, not raised, so a missing row is the failure)."""
     import kernels
 
     kernels.main(["--n", "40", "--accuracy-n", "40", "--emb", "16", "--block", "4", "--classes", "5", "--kinds",
-                  "tf32", "--reps", "1", "--results", str(tmp_path)])
+                  "tf32", "bf16-amp", "--reps", "1", "--results", str(tmp_path)])
     (path,) = tmp_path.glob("*-kernels.csv")
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert {(r["kernel"], r["symmetric"]) for r in rows} == {
-        (k, s) for k in ("forward", "epilogue", "weight_grad", "input_grad") for s in ("0", "1")}
+    assert {(r["kind"], r["kernel"], r["symmetric"]) for r in rows} == {
+        (kind, k, s) for kind in ("tf32", "bf16-amp") for k in ("forward", "epilogue", "weight_grad", "input_grad")
+        for s in ("0", "1")}
     assert all(float(r["max_rel_diff"]) == 0.0 for r in rows)  # every candidate agrees with the first
 
 

@@ -13,7 +13,9 @@ Kernels are compiled as a launch compiles them: pointer arguments 16-byte aligne
 allocations are), so loads vectorise and pipeline as they will on the GPU. Per kernel variant
 and config it reports registers and spill stack per thread (cuobjdump), shared memory, the
 tensor-core instruction the dots became (wgmma on sm_90, tcgen05 on sm_100, mma.sync on sm_8x, or
-FMA) and the asynchronous copies (cp.async) that pipeline the loads, by width. It fails (exit status 1) when a
+FMA), on sm_90 whether the main loop keeps wgmmas in flight ("async") or waits for each
+("serial", ``wgmma_serialized``; reported, not failed), and the asynchronous copies (cp.async)
+that pipeline the loads, by width. 16-bit kernels are compiled from 16-bit and from fp32 hs and ts. It fails (exit status 1) when a
 variant does not compile, when a config needs more shared memory than the target has, when a
 matmul kernel's default config pipelines no load, when the plain head's default config spills in
 16-bit or TF32 (sm_80/86/89/90) or 3xTF32 (sm_80/86/89), on sm_90 (the tuned target) when a default
@@ -132,6 +134,37 @@ def resource_usage(cubin):
     return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
 
 
+def sass_of(cubin):
+    """The SASS of a cubin (cuobjdump -sass) as (address, opcode, operands) per instruction."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", out)
+    return [(int(address, 16), opcode, operands) for address, opcode, operands in found]
+
+
+def wgmma_serialized(sass):
+    """Whether the main loop (the longest backward branch) waits for each wgmma (HGMMA) before
+    the next is issued: as many waits for none outstanding (WARPGROUP.DEPBAR.LE gsb0, 0x0) as
+    HGMMAs, so the tensor cores idle while the warps build the next operand. ptxas (12.8, Triton
+    3.6 and 3.8) does so where it must reuse the registers of an operand or accumulator in flight,
+    and says "wgmma.mma_async instructions are serialized" in its log. None without HGMMAs."""
+    loops = [(int(target.group(1), 16), address) for address, opcode, operands in sass
+             if opcode.startswith("BRA") and (target := re.search(r"0x([0-9a-f]+)", operands))
+             and int(target.group(1), 16) < address]
+    if not loops:
+        return None
+    first, last = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [(opcode, operands) for address, opcode, operands in sass if first <= address <= last]
+    mmas = sum(opcode.startswith("HGMMA") for opcode, _ in body)
+    waits = sum(opcode == "WARPGROUP.DEPBAR.LE" and operands.strip().endswith("0x0") for opcode, operands in body)
+    return None if not mmas else waits >= mmas
+
+
 def problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes):
     """Why a compiled config fails the check (empty: it passes)."""
     found = []
@@ -198,10 +231,11 @@ def main(argv=None):
                         r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*0x([0-9a-f]+)\s*[,;]", ptx))
                     regs, stack = resource_usage(compiled.asm["cubin"])
                     shared = compiled.metadata.shared
+                    serial = {None: "", True: " serial", False: " async"}[wgmma_serialized(sass_of(compiled.asm["cubin"]))]
                     found = problems(name, dtype, arch, default, regs, stack, shared, unit, async_copies, copy_sizes)
                     failures += bool(found)
                     print(f"{'FAIL' if found else 'ok  '} {label} regs={regs:3d} stack={stack:4d} "
-                          f"smem={shared // 1024:3d}K {unit:7s} cp.async={async_copies:3d} "
+                          f"smem={shared // 1024:3d}K {unit + serial:13s} cp.async={async_copies:3d} "
                           f"({' '.join(f'{n}x{size}B' for size, n in sorted(copy_sizes.items(), reverse=True)):18s}) "
                           f"{time.time() - start:4.1f}s {'; '.join(found)}", flush=True)
     print(f"{failures} failed  (* = default config)")
