@@ -17,6 +17,7 @@ Three routes, the cheapest that is correct:
   (`bench/launch_overhead.py`, docs/triton.md).
 """
 import functools
+import itertools
 import os
 
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
@@ -76,9 +77,9 @@ def triton_settings():
     read launch metadata, which LeanLaunch does not build) or a compiler-stage hook is set. Triton
     3.6 to 3.9 keep the launch hooks as HookChains, empty unless set."""
     runtime, compilation = knobs.runtime, knobs.compilation
-    if (runtime.add_stages_inspection_hook is not None
-            or not all(hook is None or not getattr(hook, "calls", True)
-                       for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))):
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if (runtime.add_stages_inspection_hook is not None or (enter is not None and getattr(enter, "calls", True))
+            or (exit_ is not None and getattr(exit_, "calls", True))):
         return None
     return (runtime.debug, compilation.instrumentation_mode, getattr(compilation, "fpsan_homomorphic_casts", None))
 
@@ -98,9 +99,10 @@ class LeanLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        # Per parameter, the flags JITFunction's binder hands native_specialize_impl.
-        self.flags = [(param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment)
-                      for param in kernel.params]
+        # Per parameter, the flags JITFunction's binder hands native_specialize_impl, as three
+        # columns (is_const, specialise, align), which key() maps it over with the arguments.
+        self.flags = tuple(zip(*[(param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment)
+                                 for param in kernel.params]))
         self.compiled = {}  # key -> (compiled kernel, the constexprs in signature order)
 
     def __getitem__(self, grid):
@@ -128,8 +130,9 @@ class LeanLaunch:
         if settings is None:
             return None
         backend = self.kernel.device_caches[device][3]
+        # map over a C function: no Python frame per argument (the key is most of a launch's cost)
         return (device, settings, tuple(constants.items()),
-                *(native_specialize_impl(backend, arg, *flags) for arg, flags in zip(args, self.flags)))
+                *map(native_specialize_impl, itertools.repeat(backend), args, *self.flags))
 
     def remember(self, key, compiled, positional, constants):
         """Keep `compiled` for `key` if the C launcher can be called as JITFunction.run calls it:
