@@ -51,7 +51,9 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
     check_tensor("weight", weight, ndim=2)
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
-    check_same_device(hs=hs, ts=ts, weight=weight, bias=bias)
+    device = hs.device
+    if not (ts.device == device and weight.device == device and (bias is None or bias.device == device)):
+        check_same_device(hs=hs, ts=ts, weight=weight, bias=bias)  # says which differ
     if hs.shape != ts.shape:
         raise ValueError(f"hs and ts must have the same shape [N, E], got {tuple(hs.shape)} and {tuple(ts.shape)}")
     if not (head_dtype(hs.dtype, autocast_dtype) == head_dtype(ts.dtype, autocast_dtype)
@@ -60,7 +62,9 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
             f"hs, ts and weight must share one dtype, got {hs.dtype}, {ts.dtype} and {weight.dtype}; "
             "cast them with .to(dtype) or run under torch.autocast"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size <= 0:
+    # (type(...) is int first: an ABC isinstance check costs the host more than the rest of this line)
+    if ((type(block_size) is not int and (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)))
+            or block_size <= 0):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     n, emb = hs.shape
     if emb % block_size != 0:
