@@ -100,7 +100,8 @@ def kernel_rows(args, device, kind, symmetric, emit):
     common = dict(block_size=block, symmetric=symmetric, precision=precision)
     default_forward = candidate_tiles(head_forward.FORWARD_TILES, dtype, precision, x.hs.device)[0]
     model = roofline.kernel_model(n, emb, block, classes, kind.removesuffix("-amp"),
-                                  split=head_forward.split_count(default_forward, n, emb, block, device))
+                                  split=head_forward.split_count(default_forward, n, emb, block, device),
+                                  inputs_elt=x.hs.element_size())
 
     firsts = {}  # kernel -> the first (default) candidate's output, which the others must match
 

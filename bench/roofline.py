@@ -25,16 +25,16 @@ CLASS_TILE = 128
 TABLE_KEY = {"bf16": "16bit", "tf32": "tf32", "tf32x3": "tf32x3"}
 
 
-def kernel_model(n, emb, block, classes, kind, split=None):
+def kernel_model(n, emb, block, classes, kind, split=None, inputs_elt=4):
     """{kernel: ideal ms} for forward, epilogue, weight_grad, input_grad and their sum "step",
-    plus "flop" (one GEMM-sized kernel's FLOPs with the padded class tile)."""
+    plus "flop" (one GEMM-sized kernel's FLOPs with the padded class tile). `inputs_elt`: bytes
+    per element of hs and ts (and their gradients), 4 as bench/run.py passes them (fp32; its bf16
+    runs autocast from fp32 leaves, and the kernels round them as they load them)."""
     elt = 2 if kind == "bf16" else 4
     flop = 2.0 * n * emb * block * CLASS_TILE
     tensor_ms = flop / (PEAK_TFLOPS[kind] * 1e9)
     weight_bytes = classes * emb * block * elt
-    # hs and ts as bench/run.py passes them: fp32 (its bf16 runs autocast from fp32 leaves; the
-    # kernels round them as they load them), read, and their gradients written, in fp32.
-    inputs_bytes = 2 * n * emb * 4
+    inputs_bytes = 2 * n * emb * inputs_elt
     # The forward's split with its default config on the H200 (bench/kernels.py passes the real one).
     split = split or head_forward.split_for(head_forward.FORWARD_TILES[TABLE_KEY[kind]][0], n, emb, block, SMS)
     partial_bytes = split * n * classes * 4

@@ -10,7 +10,8 @@ backend runs the head in ``reference.head_dtype`` of its inputs and returns thei
 their own dtypes. All of them are differentiable.
 
 Availability depends only on state fixed at import time (extension loaded, Triton installed,
-TRITON_INTERPRET) and on the device, so it is cheap and traces under ``torch.compile``.
+TRITON_INTERPRET), on the device and, for the head, on the number of classes (``head_reason``),
+so it is cheap and traces under ``torch.compile``.
 """
 import importlib
 import importlib.util
@@ -29,6 +30,10 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 # Fastest first. The Triton interpreter is far slower than the reference, so "auto" never uses it.
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
+# The Triton head kernels' configs are sized for class tiles up to 128 wide (DocRED's 97 classes,
+# DialogRE's 36): past that most of them need more shared memory than the GPU has
+# (docs/triton.md, "Known limits"), so the head is refused rather than left to fail at launch.
+TRITON_MAX_CLASSES = 128
 
 
 def major_minor(version):
@@ -177,14 +182,23 @@ def available_backends(device):
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def resolve(backend, device):
-    """The implementation module for `backend` on `device`; "auto" picks the fastest available."""
+def head_reason(name, classes):
+    """None if backend `name` runs the head for `classes` classes (None: no head), else why not."""
+    if name == "triton" and classes is not None and classes > TRITON_MAX_CLASSES:
+        return (f"the Triton kernels are sized for up to {TRITON_MAX_CLASSES} classes and the weight has {classes} "
+                "(their tiles would need more shared memory than a GPU has); use 'cuda' or 'reference'")
+    return None
+
+
+def resolve(backend, device, classes=None):
+    """The implementation module for `backend` on `device`, for a head of `classes` classes (None:
+    the losses alone); "auto" picks the fastest available."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device) is None and head_reason(name, classes) is None:
                 return _IMPLEMENTATIONS[name]
     check_backend_name(backend)
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device) or head_reason(backend, classes)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return _IMPLEMENTATIONS[backend]

@@ -45,17 +45,17 @@ def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False,
         bias: ``[C]`` or None.
         block_size: group size B (``E % B == 0``).
         symmetric: use ``max(hs_i ts_j, hs_j ts_i)`` as the feature (the NCRL authors' DocRED model).
-        backend: "auto" (the fastest available for the device) or a name from
-            :func:`available_backends`.
+        backend: "auto" (the fastest available for the device and the number of classes: the
+            Triton kernels take up to 128) or a name from :func:`available_backends`.
 
     Returns:
         logits ``[N, C]`` in the dtype of ``hs``; under ``torch.autocast``, in the autocast dtype.
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
     autocast = _autocast_dtype(hs.device)
-    _validation.check_head(hs, ts, weight, bias, block_size, autocast)
+    _, _, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     _validation.check_flag("symmetric", symmetric)
-    impl = _dispatch.resolve(backend, hs.device)
+    impl = _dispatch.resolve(backend, hs.device, classes)
     return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric), autocast)
 
 
@@ -120,7 +120,7 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     _validation.check_flag("return_logits", return_logits)
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_labels(labels, n, classes, hs.device, scores="hs")
-    impl = _dispatch.resolve(backend, hs.device)
+    impl = _dispatch.resolve(backend, hs.device, classes)
     value, logits = impl.fused(
         hs, ts, weight, bias, _float_labels(labels, hs.dtype), int(block_size), bool(symmetric), loss, float(gamma),
         bool(margin_reg), reduction, autocast,

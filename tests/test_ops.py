@@ -352,6 +352,27 @@ def eager_autocast_nodes(device, backend):
     return ["AccumulateGrad"] * 3 if rounds else ["ToCopyBackward0", "ToCopyBackward0", "AccumulateGrad"]
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_autocast_head_alone(device, backend):
+    """The head alone under fp16 autocast from fp32 leaves, against the fp64 reference on the
+    16-bit-rounded inputs: logits in fp16, d bias summed and returned in fp32 (the fake kernels'
+    dtype) from the fp16 incoming gradient."""
+    hs, ts, weight, bias, _ = make_head_inputs(6, 16, 4, 5, device=device)
+    args = leaves(hs, ts, weight, bias)
+    with torch.autocast(device, dtype=torch.float16):
+        head = ncrl_kernels.group_bilinear(*args, block_size=4, backend=backend)
+    upstream = torch.randn(head.shape, generator=torch.Generator().manual_seed(3)).to(device, torch.float16)
+    grads = torch.autograd.grad(head, args, upstream)
+    assert head.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float32] * 4
+    want_args = fp64(*(x.to(torch.float16) for x in (hs, ts, weight)), bias)
+    want = ncrl_kernels.group_bilinear(*want_args, block_size=4, backend="reference")
+    want_grads = torch.autograd.grad(want, want_args, upstream.cpu().double())
+    assert_close(head, want, torch.float16, "autocast head")
+    for name, got, expected in zip(("d hs", "d ts", "d weight"), grads, want_grads):
+        assert_close(got, expected, torch.float16, name)
+    assert_close(grads[3], want_grads[3], torch.float32, "d bias")
+
+
 @pytest.mark.parametrize("ts_dtype", ["fp32", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device,backend", all_backends())

@@ -268,11 +268,9 @@ def test_triton_needs_compute_capability_8(monkeypatch):
     assert _dispatch.unavailable_reason("triton", torch.device("cuda:0")) is None
 
 
-def test_no_gpu_backend_on_rocm(monkeypatch):
-    """A ROCm torch (AMD GPUs, device type "cuda", an MI300 reporting compute capability 9.4) gets
-    neither GPU backend, each saying why, and "auto" runs the reference: the Triton kernels'
-    configs are NVIDIA's (Hopper's need more shared memory than an MI300 has) and Triton's AMD
-    backend has no 3xTF32, so the first call would fail."""
+def pretend_cuda_gpu(monkeypatch, capability):
+    """Both GPU backends installed (Triton and an extension with CUDA kernels for any arch) and a
+    CUDA GPU of `capability` present, as far as the dispatch table can tell."""
     monkeypatch.setattr(_dispatch, "TRITON_INSTALLED", True)
     monkeypatch.setattr(_dispatch, "TRITON_IMPORT_ERROR", None)
     monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
@@ -281,7 +279,15 @@ def test_no_gpu_backend_on_rocm(monkeypatch):
     monkeypatch.setattr(_extension, "KERNEL_DEVICES", frozenset({"CPU", "CUDA"}))
     monkeypatch.setattr(_dispatch, "CUDA_ARCHS", None)  # whatever this build's arch list
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: (9, 4))
+    monkeypatch.setattr(_dispatch, "cuda_capability", lambda index: capability)
+
+
+def test_no_gpu_backend_on_rocm(monkeypatch):
+    """A ROCm torch (AMD GPUs, device type "cuda", an MI300 reporting compute capability 9.4) gets
+    neither GPU backend, each saying why, and "auto" runs the reference: the Triton kernels'
+    configs are NVIDIA's (Hopper's need more shared memory than an MI300 has) and Triton's AMD
+    backend has no 3xTF32, so the first call would fail."""
+    pretend_cuda_gpu(monkeypatch, (9, 4))
     assert ncrl_kernels.available_backends("cuda:0") == ["reference", "cuda", "triton"]  # as on an H100
     monkeypatch.setattr(_dispatch, "ROCM", True)
     for backend in ("cuda", "triton"):
@@ -289,6 +295,30 @@ def test_no_gpu_backend_on_rocm(monkeypatch):
         assert reason is not None and "ROCm" in reason and "'reference'" in reason, reason
     assert ncrl_kernels.available_backends("cuda:0") == ["reference"]
     assert _dispatch.resolve("auto", torch.device("cuda:0")) is _dispatch._IMPLEMENTATIONS["reference"]
+
+
+def test_triton_head_takes_up_to_128_classes(monkeypatch):
+    """Past 128 classes the Triton head kernels' tiles need more shared memory than a GPU has
+    (docs/triton.md, "Known limits"): backend="triton" refuses the head, saying why and what to
+    use, and "auto" takes the next backend; the losses alone (no head) keep Triton."""
+    pretend_cuda_gpu(monkeypatch, (9, 0))
+    gpu, impls = torch.device("cuda:0"), _dispatch._IMPLEMENTATIONS
+    assert _dispatch.resolve("triton", gpu, 128) is impls["triton"]
+    assert _dispatch.resolve("auto", gpu, 128) is impls["triton"]
+    assert _dispatch.resolve("auto", gpu, 129) is impls["cuda"]
+    assert _dispatch.resolve("auto", gpu) is impls["triton"]  # the losses alone
+    with pytest.raises(ValueError, match=r"up to 128 classes and the weight has 129.*'cuda' or 'reference'"):
+        _dispatch.resolve("triton", gpu, 129)
+
+
+@pytest.mark.skipif("triton" not in ncrl_kernels.available_backends("cpu"), reason="needs Triton's interpreter")
+def test_triton_refuses_a_wide_head_through_the_api():
+    hs, ts, weight = torch.randn(4, 8), torch.randn(4, 8), torch.randn(129, 8 * 4)
+    labels = torch.zeros(4, 129)
+    with pytest.raises(ValueError, match="backend='triton' cannot run here: .*129"):
+        ncrl_kernels.fused_ncrl(hs, ts, weight, None, labels, block_size=4, backend="triton")
+    with pytest.raises(ValueError, match="129"):
+        ncrl_kernels.group_bilinear(hs, ts, weight, block_size=4, backend="triton")
 
 
 def test_cuda_backend_checks_the_built_architectures(monkeypatch):

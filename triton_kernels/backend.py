@@ -150,8 +150,8 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
             launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, n=hs.shape[0], **config)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
-        if weight_grad:
-            dbias = grad_logits.sum(0)
+        if weight_grad:  # summed in the loss dtype: the head op's grad_logits come in the head's
+            dbias = grad_logits.sum(0, dtype=loss_dtype(weight.dtype))
     return dhs, dts, dweight, dbias
 
 

@@ -121,28 +121,26 @@ def compile_variant(kernel, pointers, constexprs, num_warps, num_stages, target)
                           options={"num_warps": num_warps, "num_stages": num_stages, **COMPILE_OPTIONS})
 
 
-def resource_usage(cubin):
-    """(registers, stack bytes) per thread; a stack means spilled registers."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def cuobjdump(option, cubin):
+    """The output of Triton's bundled cuobjdump `option` (e.g. "-sass") on a cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+
+
+def resource_usage(cubin):
+    """(registers, stack bytes) per thread; a stack means spilled registers."""
+    found = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump("-res-usage", cubin))
     return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
 
 
 def sass_of(cubin):
     """The SASS of a cubin (cuobjdump -sass) as (address, opcode, operands) per instruction."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
+    out = cuobjdump("-sass", cubin)
     found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", out)
     return [(int(address, 16), opcode, operands) for address, opcode, operands in found]
 
