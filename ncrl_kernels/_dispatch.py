@@ -31,8 +31,9 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # Fastest first. The Triton interpreter is far slower than the reference, so "auto" never uses it.
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 # The Triton head kernels' configs are sized for class tiles up to 128 wide (DocRED's 97 classes,
-# DialogRE's 36): past that most of them need more shared memory than the GPU has
-# (docs/triton.md, "Known limits"), so the head is refused rather than left to fail at launch.
+# DialogRE's 36): at 129 classes 8 of their 18 variants need more shared memory than an H100 has
+# and the 16-bit weight grads spill (docs/triton.md, "Known limits"), so the head is refused
+# rather than left to fail at launch.
 TRITON_MAX_CLASSES = 128
 
 
@@ -182,11 +183,13 @@ def available_backends(device):
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def head_reason(name, classes):
-    """None if backend `name` runs the head for `classes` classes (None: no head), else why not."""
+def head_reason(name, classes, device):
+    """None if backend `name` runs the head for `classes` classes (None: no head) on `device`, else
+    why not, naming the backends that can."""
     if name == "triton" and classes is not None and classes > TRITON_MAX_CLASSES:
+        others = "'cuda' or 'reference'" if device.type == "cuda" else "'cpp' or 'reference'"
         return (f"the Triton kernels are sized for up to {TRITON_MAX_CLASSES} classes and the weight has {classes} "
-                "(their tiles would need more shared memory than a GPU has); use 'cuda' or 'reference'")
+                f"(their tiles would need more shared memory than a GPU has); use {others}")
     return None
 
 
@@ -195,10 +198,10 @@ def resolve(backend, device, classes=None):
     the losses alone); "auto" picks the fastest available."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None and head_reason(name, classes) is None:
+            if unavailable_reason(name, device) is None and head_reason(name, classes, device) is None:
                 return _IMPLEMENTATIONS[name]
     check_backend_name(backend)
-    reason = unavailable_reason(backend, device) or head_reason(backend, classes)
+    reason = unavailable_reason(backend, device) or head_reason(backend, classes, device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return _IMPLEMENTATIONS[backend]
