@@ -41,6 +41,10 @@ class GroupBilinear(nn.Module):
             raise ValueError(f"emb_size={emb_size} must be divisible by a positive block_size, got {block_size}")
         _validation.check_flag("symmetric", symmetric)
         _dispatch.check_backend_name(backend)
+        # A class count the backend refuses whatever the device (Triton past 128) is refused here.
+        reason = _dispatch.head_reason(backend, num_classes, torch.device(device or "cuda"))
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run a head of num_classes={num_classes}: {reason}")
         self.emb_size, self.block_size, self.num_classes = emb_size, block_size, num_classes
         self.symmetric, self.backend = symmetric, backend
         factory = {"device": device, "dtype": dtype}

@@ -74,3 +74,8 @@ def test_modules_check_their_settings_when_built():
         ncrl_kernels.GroupBilinearLoss(64, 8, 7, loss="ce")
     with pytest.raises(TypeError, match="margin_reg"):
         ncrl_kernels.GroupBilinearLoss(64, 8, 7, margin_reg="no")
+    # The Triton head takes up to 128 classes on any device; "auto" picks another backend past that.
+    with pytest.raises(ValueError, match=r"num_classes=129.*up to 128 classes.*'cpp' or 'reference'"):
+        ncrl_kernels.GroupBilinearLoss(8, 4, 129, backend="triton", device="cpu")
+    ncrl_kernels.GroupBilinear(8, 4, 128, backend="triton")
+    ncrl_kernels.GroupBilinear(8, 4, 129, backend="auto")

@@ -151,7 +151,7 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
         if weight_grad:  # summed in the loss dtype: the head op's grad_logits come in the head's
-            dbias = grad_logits.sum(0, dtype=loss_dtype(weight.dtype))
+            torch.sum(grad_logits, 0, dtype=dbias.dtype, out=dbias)
     return dhs, dts, dweight, dbias
 
 
