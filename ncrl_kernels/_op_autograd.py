@@ -17,7 +17,7 @@ them.
 """
 import torch
 
-from .reference import head_dtype, loss_dtype
+from .reference import autocast_head, head_dtype, loss_dtype
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
@@ -226,7 +226,7 @@ class OpFamily:
         round them (``rounds_inputs``)."""
         if dispatches_ops(args):
             if autocast is not None:
-                args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:3]), *args[3:])
+                args = (*autocast_head(*args[:3], autocast), *args[3:])
             return self.ops[name](*args)
         if autocast is not None and not self.rounds_inputs:
             args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
