@@ -26,7 +26,8 @@ import roofline  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
-from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles  # noqa: E402
+from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles, padded  # noqa: E402
+from ncrl_kernels.triton_kernels.backend import grad_operand_dtype  # noqa: E402
 from ncrl_kernels.triton_kernels._launch import direct_launches  # noqa: E402
 
 # Benchmark dtypes: the head's dtype (the weight's, the dots' operands'), the fp32 matmul precision
@@ -133,26 +134,30 @@ def kernel_rows(args, device, kind, symmetric, emit):
     if partial is None:
         return
     logits = torch.empty(n, classes, device=device, dtype=dtype)
-    dlogits = torch.empty(n, classes, device=device)
+    # As the fused op writes it: the backward's padded grad operand (for the mean loss).
+    dlogits = torch.empty(n, padded(classes), device=device, dtype=grad_operand_dtype(dtype, "mean"))
     row_loss = torch.empty(n, device=device)
     measure("epilogue", Tiles(loss_rows.EPILOGUE_ROWS, 1, 4, 1),
             lambda: loss_rows.launch_epilogue(partial, None, logits, labels=x.labels, dlogits=dlogits,
                                               row_loss=row_loss, loss=LOSS_CODES["ncrl"], gamma=0.05,
                                               margin_reg=True, mean=True) or dlogits,
             split=str(partial.shape[0]))
-    # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing.
+    # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing;
+    # their results scaled by an incoming gradient, as a fused op's backward runs them (but fp16's).
     grad = head_backward.padded_grad(x.grad_logits, dtype)
+    scale = torch.ones((), device=device) if grad_operand_dtype(dtype, "mean") == dtype else None
     weight_grad_operands = head_backward.weight_grad_operands(grad, x.hs, x.ts)
     for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
         # In fp32 for 16-bit operands too, as under autocast with an fp32 weight (ATLOP's case).
         dweight = torch.empty_like(x.weight, dtype=torch.promote_types(x.weight.dtype, torch.float32))
-        measure("weight_grad", tiles, lambda t=tiles, d=dweight: head_backward.launch_weight_grad(
-            weight_grad_operands, d, n=n, tiles=t, **common) or d)
+        dbias = torch.empty(classes, device=device, dtype=dweight.dtype)
+        measure("weight_grad", tiles, lambda t=tiles, d=dweight, b=dbias: head_backward.launch_weight_grad(
+            weight_grad_operands, d, b, n=n, scale=scale, tiles=t, **common) or d)
     weight = head_backward.input_grad_operand(x.weight)
     for tiles in candidate_tiles(head_backward.INPUT_GRAD_TILES, dtype, precision, x.hs.device):
         dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)
         measure("input_grad", tiles, lambda t=tiles, a=dhs, b=dts: head_backward.launch_input_grad(
-            grad, weight, x.hs, x.ts, a, b, classes=classes, tiles=t, **common) or torch.cat([a, b], 1))
+            grad, weight, x.hs, x.ts, a, b, classes=classes, scale=scale, tiles=t, **common) or torch.cat([a, b], 1))
 
 
 def accuracy(args, device, kind, symmetric):

@@ -129,10 +129,13 @@ def _below_autograd(op):
 def _head_backward_in(head_backward):
     """The C++ head backward as OpFamily calls it: `weight_grad_dtype` is not passed on, as the
     kernels write d weight in the (cast) weight's dtype; autograd casts it to the dtype of the
-    Function's input (under autocast, the uncast weight's) as it returns it."""
+    Function's input (under autocast, the uncast weight's) as it returns it. A fused op's
+    `grad_scale` scales its d loss / d logits first."""
 
-    def call(*args, weight_grad_dtype=None):
-        return head_backward(*args)
+    def call(grad_logits, *args, weight_grad_dtype=None, grad_scale=None):
+        if grad_scale is not None:
+            grad_logits = _op_autograd.scaled_grad(grad_scale, grad_logits)
+        return head_backward(grad_logits, *args)
     return call
 
 

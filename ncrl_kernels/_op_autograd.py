@@ -7,8 +7,10 @@
   ``head_backward``.
 
 Forward ops return d loss / d logits along with the loss, so a backward only scales it by the
-incoming gradient and runs the head backward, which recomputes the feature tiles. Nothing but
-the inputs and d loss / d logits ([N, C]) is saved.
+incoming gradient and runs the head backward, which recomputes the feature tiles (a family's head
+backward may take the incoming gradient and scale for itself: ``OpFamily.head_backward``).
+Nothing but the inputs and d loss / d logits ([N, C], or as a family's fused forward lays it out
+for its backward) is saved.
 
 Eager calls skip the operator machinery (``OpFamily``): the same kernels and the same autograd
 formulas run as a plain ``torch.autograd.Function``, which also casts the weight under autocast
@@ -85,12 +87,13 @@ def register_autograd(register, head_backward):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.weight_grad_dtype = None  # the saved weight's; an eager Function that cast it sets the input's
 
-    def head_grads(ctx, grad_logits, hs, ts, weight):
-        """Gradients of (hs, ts, weight, bias), None where not needed."""
+    def head_grads(ctx, grad_logits, hs, ts, weight, grad_scale=None):
+        """Gradients of (hs, ts, weight, bias), None where not needed; `grad_scale`: see
+        OpFamily.head_backward."""
         need = ctx.needs_input_grad
         dhs, dts, dweight, dbias = head_backward(grad_logits, hs, ts, weight, ctx.block_size, ctx.symmetric,
                                                  need[0] or need[1], need[2] or need[3], *ctx.extra,
-                                                 weight_grad_dtype=ctx.weight_grad_dtype)
+                                                 weight_grad_dtype=ctx.weight_grad_dtype, grad_scale=grad_scale)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
                 dbias.to(ctx.bias_dtype) if need[3] else None)
 
@@ -124,8 +127,7 @@ def register_autograd(register, head_backward):
 
     def fused_backward_fn(ctx, grad_loss, _grad_logits, _grad_dlogits):
         hs, ts, weight, dloss_dlogits = ctx.saved_tensors
-        grads = (None,) * 4 if grad_loss is None else head_grads(ctx, scaled_grad(grad_loss, dloss_dlogits), hs, ts,
-                                                                 weight)
+        grads = (None,) * 4 if grad_loss is None else head_grads(ctx, dloss_dlogits, hs, ts, weight, grad_loss)
         return (*grads, *[None] * (FUSED_ARGS - 4 + len(ctx.extra)))
 
     register("head_forward", head_backward_fn, head_setup)
@@ -236,15 +238,24 @@ class OpFamily:
         """Op `name` through its autograd.Function (the eager route), whatever the arguments."""
         return self.functions[name].apply(*args, autocast)
 
-    def head_backward(self, grad_logits, *args, weight_grad_dtype=None):
+    def head_backward(self, grad_logits, *args, weight_grad_dtype=None, grad_scale=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched
         (is_grads_batched, jacobian(vectorize=True)), traced, or to be differentiated (grad mode
         on: create_graph; the operator has no autograd, so that raises, where the implementation
         below it would return gradients silently cut from the graph), else the implementation,
         which takes ``weight_grad_dtype`` (d weight's dtype, None: the weight's), as the Triton
         one writes it. Where it does not, autograd casts a Function's gradients to its
-        inputs' dtypes (the operator route never casts inside: ``__call__``)."""
-        if (torch._C._functorch.is_legacy_batchedtensor(grad_logits) or torch.is_grad_enabled()
-                or dispatches_ops((grad_logits, *args[:3]))):  # args: hs, ts, weight, then flags
+        inputs' dtypes (the operator route never casts inside: ``__call__``).
+
+        ``grad_scale``: a fused op's incoming gradient (a scalar, or one per pair for "none"), by
+        which its d loss / d logits `grad_logits` is to be scaled; None where grad_logits is the
+        gradient. The operator route scales it here; the implementation takes it (the Triton one
+        scales within its kernels where it can, the extension's first thing)."""
+        batched = torch._C._functorch.is_legacy_batchedtensor
+        if (batched(grad_logits) or (grad_scale is not None and batched(grad_scale)) or torch.is_grad_enabled()
+                or dispatches_ops((grad_logits, grad_scale, *args[:3]))):  # args: hs, ts, weight, then flags
+            if grad_scale is not None:
+                grad_logits = scaled_grad(grad_scale, grad_logits)
             return self.ops["head_backward"](grad_logits, *args)
-        return self.impls["head_backward"](grad_logits, *args, weight_grad_dtype=weight_grad_dtype)
+        return self.impls["head_backward"](grad_logits, *args, weight_grad_dtype=weight_grad_dtype,
+                                           grad_scale=grad_scale)

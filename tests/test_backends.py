@@ -142,6 +142,29 @@ def test_fused_large_logits(device, backend, loss, gamma, margin_reg):
     assert got[1].abs().max() > 30
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_fp16_gradients_under_a_loss_scale(device, backend):
+    """fp16 with a GradScaler's incoming gradient (its scale starts at 2**16 and grows) on a mean
+    loss whose d loss / d logits is all below fp16's smallest subnormal: margins of about 18 (from
+    the bias), divided by N. The scale must reach it before its rounding to fp16, as in eager
+    autocast, or every gradient but d bias would be zero."""
+    hs, ts, weight, _, labels = make_head_inputs(16, 16, 4, 5, dtype=torch.float16, device=device, scale=0.05)
+    labels.zero_()
+    labels[:, 0] = 1
+    bias = torch.tensor([9.0, -9.0, -9.0, -9.0, -9.0], device=device)
+    kw = dict(block_size=4, reduction="mean")
+    got, want = leaves(hs, ts, weight, bias), fp64(hs, ts, weight, bias)
+    loss_scale = 2.0**20
+    (ncrl_kernels.fused_ncrl(*got, labels, backend=backend, **kw) * loss_scale).backward()
+    (ncrl_kernels.fused_ncrl(*want, labels.cpu(), backend="reference", **kw) * loss_scale).backward()
+    logits = ncrl_kernels.group_bilinear(*fp64(hs, ts, weight, bias), block_size=4, backend="reference")
+    dlogits, = torch.autograd.grad(ncrl_kernels.ncrl_loss(logits, labels.cpu(), backend="reference"), logits)
+    assert dlogits.abs().max() < 2**-25  # rounds to zero in fp16
+    for name, a, e in zip(("d_hs", "d_ts", "d_weight", "d_bias"), got, want):
+        size = e.grad.abs().max()  # compared relative to their own size, all well under 1
+        assert_close(a.grad / size, e.grad / size, torch.float16, f"{backend} {name}")
+
+
 @pytest.mark.parametrize("device,backend", all_backends())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_batch(device, backend, reduction):

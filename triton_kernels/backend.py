@@ -4,10 +4,12 @@ the backend interface of ``ncrl_kernels._dispatch``.
 The operators mirror the C++ ones (csrc/ops.cpp) under their own names:
 
 - ``ncrl_kernels::triton_fused_forward`` -> (loss, logits, d loss / d logits): the head's kernel
-  and one epilogue kernel for bias and loss (plus the sum of the per-pair losses); its backward
-  scales d loss / d logits by the incoming gradient and runs the head backward (fake kernels and
-  autograd are shared with the extension's ops: ncrl_kernels/_op_autograd.py). The head ops take
-  a trailing ``precision``, tl.dot's fp32 precision.
+  and one epilogue kernel for bias and loss (plus the sum of the per-pair losses), which writes
+  d loss / d logits as the head backward's grad operand (zero-padded, in the head's dtype where
+  that loses nothing: ``grad_operand_dtype``); its backward runs the head backward on it, scaled
+  by the incoming gradient (by the kernels where they can: ``_head_grads``). Autograd and the
+  other fake kernels are shared with the extension's ops (ncrl_kernels/_op_autograd.py). The head
+  ops take a trailing ``precision``, tl.dot's fp32 precision.
 - ``ncrl_kernels::triton_head_forward`` / ``triton_head_backward``: the head alone.
 - ``ncrl_kernels::triton_loss_forward`` -> (loss, d loss / d logits): the losses alone.
 
@@ -36,7 +38,7 @@ from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import head_dtype, loss_dtype, reduce_pairs
 from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
-from ._common import LOSS_CODES, precision_for
+from ._common import LOSS_CODES, padded, precision_for
 from ._launch import direct_launches
 from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
                             weight_grad_operands)
@@ -58,13 +60,14 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _define(name, fn):
+def _define(name, fn, fake=None):
     """Register `fn` as the operator ncrl_kernels::triton_<name> (see the module docstring); its
-    fake kernel is the extension ops' one (the same outputs, see ncrl_kernels/_op_autograd.py)."""
+    fake kernel is `fake`, by default the extension ops' one (the same outputs, see
+    ncrl_kernels/_op_autograd.py)."""
     qualname = f"ncrl_kernels::triton_{name}"
     if TRITON_INTERPRET:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(_op_autograd.FAKES[name])
+        op.register_fake(fake or _op_autograd.FAKES[name])
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args=())
         _declare_kernels(qualname)
@@ -128,30 +131,39 @@ def _head_backward(grad_logits: Tensor, hs: Tensor, ts: Tensor, weight: Tensor, 
 
 
 def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, weight_grad, precision,
-                weight_grad_dtype=None):
-    """The operator's head backward, with d weight in `weight_grad_dtype` (None: the weight's),
-    what the eager route runs (_op_autograd.OpFamily). The kernel writes it from its fp32
-    accumulator, so under autocast the fp32 weight, which the eager route casts itself, gets its
-    fp32 gradient without a cast kernel, and without eager autocast's rounding to 16 bits on the
-    way."""
+                weight_grad_dtype=None, grad_scale=None):
+    """The operator's head backward, what the eager route runs (_op_autograd.OpFamily), with two
+    more arguments:
+
+    - `weight_grad_dtype`: d weight's dtype (None: the weight's). The kernel writes it from its
+      fp32 accumulator, so under autocast the fp32 weight, which the eager route casts itself,
+      gets its fp32 gradient without a cast kernel, and without eager autocast's rounding to 16
+      bits on the way.
+    - `grad_scale`: the incoming gradient of a fused op's loss, by which its d loss / d logits
+      (`grad_logits`, the backward's grad operand as the fused forward writes it) is to be
+      scaled; None where grad_logits is the gradient itself. A scalar one, where grad_logits is
+      in the operands' dtype, is applied by the kernels to their fp32 results (no kernel on the
+      host's path; exact where it is a power of two, as GradScaler's and the plain backward's
+      1 are); one per pair ("none"), or grad_logits kept wider (``grad_operand_dtype``), scales it
+      here, before its rounding.
+    """
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
+    if grad_scale is not None and (grad_scale.dim() or grad_logits.dtype != weight.dtype):
+        grad_logits, grad_scale = _op_autograd.scaled_grad(grad_scale, grad_logits), None
     dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
                                                              input_grad, weight_grad,
                                                              weight_grad_dtype=weight_grad_dtype)
-    config = dict(block_size=block_size, symmetric=symmetric, precision=precision)
+    config = dict(block_size=block_size, symmetric=symmetric, precision=precision, scale=grad_scale)
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
-    # never held together (head_backward.py). d bias comes last: where the host issues the step
-    # slower than the GPU runs it, the step ends when the GPU finishes the kernels, which start
-    # when the host has launched them.
+    # never held together (head_backward.py). d bias is summed in the loss dtype by the weight
+    # grad's last program: the head op's grad_logits come in the head's.
     grad = padded_grad(grad_logits, weight.dtype)
     with _on_device(hs):
         if weight_grad:
-            launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, n=hs.shape[0], **config)
+            launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, dbias, n=hs.shape[0], **config)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
-        if weight_grad:  # summed in the loss dtype: the head op's grad_logits come in the head's
-            torch.sum(grad_logits, 0, dtype=dbias.dtype, out=dbias)
     return dhs, dts, dweight, dbias
 
 
@@ -173,17 +185,29 @@ def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margi
 loss_forward = _define("loss_forward", _loss_forward)
 
 
+def grad_operand_dtype(dtype, reduction):
+    """The dtype in which the fused forward of a head in `dtype` writes d loss / d logits, as the
+    backward's grad operand (zero-padded ``[N, BLOCK_C]``, head_backward.padded_grad): the head's
+    own, ready for the kernels, which then scale their results by the incoming gradient
+    (_head_grads); but the loss dtype for "none", whose incoming gradient (one per pair) scales
+    the operand before it is rounded, and for fp16, whose range needs GradScaler's scale applied
+    before the rounding: d loss / d logits divided by N for "mean" would otherwise lose its small
+    values to fp16's subnormals (bf16 has fp32's range)."""
+    return dtype if reduction != "none" and dtype != torch.float16 else loss_dtype(dtype)
+
+
 def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, block_size: int,
                    symmetric: bool, loss: str, gamma: float, margin_reg: bool, reduction: str,
                    precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, logits, d loss / d logits): the head's kernel, then one epilogue kernel that sums its
-    partials and runs the loss, plus torch's sum of the per-pair losses for "mean"/"sum". The
-    logits are always written: the backend interface returns them, and they cost one [N, C]
-    store next to the d loss / d logits that the backward needs anyway."""
+    """(loss, logits, d loss / d logits as the backward's grad operand, ``grad_operand_dtype``):
+    the head's kernel, then one epilogue kernel that sums its partials and runs the loss, plus
+    torch's sum of the per-pair losses for "mean"/"sum". The logits are always written: the
+    backend interface returns them, and they cost one [N, C] store next to the d loss / d logits
+    that the backward needs anyway."""
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
     logits = hs.new_empty((n, classes), dtype=weight.dtype)
-    dlogits = hs.new_empty((n, classes), dtype=loss_dtype(weight.dtype))
+    dlogits = hs.new_empty((n, padded(classes)), dtype=grad_operand_dtype(weight.dtype, reduction))
     row_loss = hs.new_empty((n,), dtype=loss_dtype(weight.dtype))
     with _on_device(hs):
         partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
@@ -193,7 +217,16 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
     return reduce_pairs(row_loss, per_pair_reduction(reduction)), logits, dlogits
 
 
-fused_forward = _define("fused_forward", _fused_forward)
+def _fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss, gamma, margin_reg, reduction,
+                        precision):
+    """The fake kernel of _fused_forward (on the interpreter's opaque operator)."""
+    value, logits, _ = _op_autograd.fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss,
+                                                       gamma, margin_reg, reduction)
+    return value, logits, hs.new_empty((hs.shape[0], padded(weight.shape[0])),
+                                       dtype=grad_operand_dtype(weight.dtype, reduction))
+
+
+fused_forward = _define("fused_forward", _fused_forward, _fake_fused_forward)
 
 _FAMILY = _op_autograd.OpFamily(_OPS, _IMPLS, rounds_inputs=True)  # head_forward.rounded
 _op_autograd.register_autograd(

@@ -88,13 +88,20 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         backward = head_backward.kernel_shapes(emb, classes, block, symmetric, precision, torch_dtype)
         out.append((f"forward {suffix}", head_forward.head_forward_kernel,
                     dict(hs=x, ts=x, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
+        # As a fused op's backward launches them, its incoming gradient scaling the results (fp16's
+        # grad operand is scaled before its rounding instead: backend.grad_operand_dtype).
+        scaled = dict(backward, HAS_SCALE=dtype != "fp16")
         out.append((f"weight grad {suffix}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr), backward, tiles(head_backward.WEIGHT_GRAD_TILES)))
+                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr, dbias=loss_ptr, scale=loss_ptr), scaled,
+                    tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad {suffix}", head_backward.input_grad_kernel,
-                    dict(grad=ptr, hs=x, ts=x, weight=ptr, dhs=x, dts=x), backward,
+                    dict(grad=ptr, hs=x, ts=x, weight=ptr, dhs=x, dts=x, scale=loss_ptr), scaled,
                     tiles(head_backward.INPUT_GRAD_TILES)))
-    epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS)
-    pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=loss_ptr, row_loss=loss_ptr)
+    # The fused op's: d loss / d logits as the backward's padded grad operand, in the head's dtype
+    # but fp16's (backend.grad_operand_dtype, mean and sum; the loss-only op's differ in its columns).
+    epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS, GRAD_COLS=padded(classes))
+    pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr,
+                    dlogits=loss_ptr if dtype == "fp16" else ptr, row_loss=loss_ptr)
     out.append(("epilogue head only", loss_rows.epilogue_kernel, pointers,
                 dict(epilogue, HAS_BIAS=True, WRITE_LOGITS=True, LOSS=0, GAMMA=0.0, MARGIN_REG=False, MEAN=False),
                 [(None, True)]))

@@ -4,7 +4,10 @@ deterministic (every output element is written by one program, in a fixed order,
 
 The caller passes grad zero-padded to the class tile in the operands' dtype (bf16 under bf16
 autocast, as the eager head's backward gets it), so its rows are 16-byte aligned and every load is
-unmasked along the classes; ``padded_grad`` prepares it. For fp32 operands (TF32, 3xTF32)
+unmasked along the classes; ``padded_grad`` prepares it, or the fused forward's epilogue writes it
+so. Both kernels optionally multiply what they write by a scalar ``scale`` read from memory (the
+incoming gradient of a fused op's mean or sum loss: the backward then needs no kernel to scale
+grad first). For fp32 operands (TF32, 3xTF32)
 the operands the dots read from memory come K-major: grad transposed (``[BLOCK_C, N']``, pairs
 contiguous) for the d weight dot, and a transposed, class-padded weight (``[E*B, BLOCK_C]``) for the
 d input dot (whose grad operand is K-major as it is). Hopper's wgmma reads 32-bit shared-memory
@@ -18,11 +21,12 @@ transposed (``[E, N']``): from ``[N, E]`` their group tile came by 4-byte copies
   weight columns s*B + j of every class), looping over all pair tiles in order:
   ``dW[:, s*B + j]^T += feature[tile, s*B + j]^T @ grad[tile]``, the feature rows stacked into the
   M dimension of one tl.dot (M = ROWS*BLOCK_J, BLOCK_J being B padded to a power of two >= 16) so
-  that each grad tile read serves ROWS rows.
+  that each grad tile read serves ROWS rows; and one program more for d bias, grad's column sums
+  (in the same order, so deterministic: one host call and one kernel fewer than a torch.sum on
+  the host's path, which is the 16-bit step's bound).
 - ``input_grad_kernel``: one program per (pair tile, group g): ``d feature = grad @ W`` for ROWS
   feature rows per tl.dot (N = ROWS*BLOCK_J), reduced against ts and hs into that group's columns of
   d hs and d ts.
-d bias is grad's column sum, done by the caller.
 """
 from typing import NamedTuple
 
@@ -65,36 +69,57 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, pair_stride, E: tl.constexpr, B: tl.con
     return x
 
 
+@triton.jit
+def grad_rows(grad, ns, n_ok, cs, grad_stride, BLOCK_C: tl.constexpr, K_MAJOR: tl.constexpr):
+    """The grad tile ``[BLOCK_N, BLOCK_C]`` of pairs ns, zero past N: grad is ``[N, BLOCK_C]``, or
+    (K_MAJOR) ``[BLOCK_C, grad_stride]``, pairs (the d weight dot's K) contiguous and zero-padded to a
+    multiple of every BLOCK_N, read unmasked, as a mask varying along the pairs would split the
+    copies into single elements."""
+    if K_MAJOR:
+        tile = tl.load(grad + cs.to(tl.int64)[None, :] * grad_stride + ns[:, None])
+    else:
+        tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
+    return tile
+
+
 @triton.jit(do_not_specialize=["N"])
 def weight_grad_kernel(
-    grad, hs, ts, dweight, N, grad_stride,
+    grad, hs, ts, dweight, dbias, scale, N, grad_stride,
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    K_MAJOR: tl.constexpr,
+    K_MAJOR: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
-    s0 = tl.program_id(0) * ROWS
-    g = s0 // B
     cs = tl.arange(0, BLOCK_C)
-    acc = tl.zeros([ROWS * BLOCK_J, BLOCK_C], dtype=COMPUTE)
-    for first in range(0, N, BLOCK_N):
-        ns = first + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
-        ns = ns.to(tl.int64)
-        x = kron_rows_t(hs, ts, ns, n_ok, s0, g, grad_stride, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty, BLOCK_J,
-                        ROWS, K_MAJOR)
-        if K_MAJOR:
-            # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to a
-            # multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would split
-            # the copies into single elements.
-            grad_tile = tl.load(grad + cs.to(tl.int64)[None, :] * grad_stride + ns[:, None])
-        else:  # grad is [N, BLOCK_C]
-            grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
-        acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]), grad_tile, acc, PRECISION)
-    k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
-    at = cs.to(tl.int64)[None, :] * (E * B) + s0 * B + k_at[:, None]
-    tl.store(dweight + at, acc.to(dweight.dtype.element_ty), mask=k_ok[:, None] & (cs[None, :] < C))
+    if tl.program_id(0) == E // ROWS:
+        # The last program: d bias, grad's column sums, over the pair tiles in order.
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE)
+        for first in range(0, N, BLOCK_N):
+            ns = first + tl.arange(0, BLOCK_N)
+            n_ok = ns < N
+            total += grad_rows(grad, ns.to(tl.int64), n_ok, cs, grad_stride, BLOCK_C, K_MAJOR).to(COMPUTE)
+        column_sums = tl.sum(total, axis=0)
+        if HAS_SCALE:
+            column_sums *= tl.load(scale).to(COMPUTE)
+        tl.store(dbias + cs, column_sums.to(dbias.dtype.element_ty), mask=cs < C)
+    else:
+        s0 = tl.program_id(0) * ROWS
+        g = s0 // B
+        acc = tl.zeros([ROWS * BLOCK_J, BLOCK_C], dtype=COMPUTE)
+        for first in range(0, N, BLOCK_N):
+            ns = first + tl.arange(0, BLOCK_N)
+            n_ok = ns < N
+            ns = ns.to(tl.int64)
+            x = kron_rows_t(hs, ts, ns, n_ok, s0, g, grad_stride, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty,
+                            BLOCK_J, ROWS, K_MAJOR)
+            grad_tile = grad_rows(grad, ns, n_ok, cs, grad_stride, BLOCK_C, K_MAJOR)
+            acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]), grad_tile, acc, PRECISION)
+        if HAS_SCALE:
+            acc *= tl.load(scale).to(COMPUTE)
+        k_at, k_ok = weight_rows_at(E, B, BLOCK_J, ROWS)
+        at = cs.to(tl.int64)[None, :] * (E * B) + s0 * B + k_at[:, None]
+        tl.store(dweight + at, acc.to(dweight.dtype.element_ty), mask=k_ok[:, None] & (cs[None, :] < C))
 
 
 @triton.jit
@@ -109,11 +134,11 @@ def scatter_columns(values, first, BLOCK_J: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def input_grad_kernel(
-    grad, hs, ts, weight, dhs, dts, N,
+    grad, hs, ts, weight, dhs, dts, scale, N,
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    K_MAJOR: tl.constexpr,
+    K_MAJOR: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     OPERAND: tl.constexpr = weight.dtype.element_ty
@@ -178,6 +203,9 @@ def input_grad_kernel(
             dt += scatter_columns(tl.sum(to_hj_ti * h_group.to(COMPUTE)[:, None, :], axis=2), i0, BLOCK_J)
         dh += scatter_columns(tl.sum(to_hi_tj * t_group.to(COMPUTE)[:, None, :], axis=2), i0, BLOCK_J)
         dt += tl.sum(to_hi_tj * h_rows[:, :, None], axis=1)
+    if HAS_SCALE:
+        dh *= tl.load(scale).to(COMPUTE)
+        dt *= tl.load(scale).to(COMPUTE)
     tl.store(dhs + at_group, dh.to(dhs.dtype.element_ty), mask=group_ok)
     tl.store(dts + at_group, dt.to(dts.dtype.element_ty), mask=group_ok)
 
@@ -236,8 +264,11 @@ def zero_padded(x, shape, dtype=None):
 
 def padded_grad(grad_logits, dtype):
     """d loss / d logits ``[N, C]`` as the backward kernels' grad, ``[N, BLOCK_C]`` in `dtype` (the
-    operands'), classes zero-padded: 16-byte rows, read unmasked along the classes."""
+    operands'), classes zero-padded: 16-byte rows, read unmasked along the classes. A grad already
+    so (the fused forward's, or one with C = BLOCK_C) as it is."""
     n, classes = grad_logits.shape
+    if classes == padded(classes) and grad_logits.dtype == dtype and grad_logits.is_contiguous():
+        return grad_logits
     return zero_padded(grad_logits, (n, padded(classes)), dtype)
 
 
@@ -273,10 +304,11 @@ def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
     return dict(head_constants(emb, classes, block_size, symmetric, precision, dtype), K_MAJOR=k_major(dtype))
 
 
-def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision, tiles=None):
-    """Fill dweight ``[C, E*B]`` (in any float dtype: written from the fp32 accumulator) from
-    weight_grad_operands' result for N pairs (all tensors contiguous). `tiles` overrides the
-    default config."""
+def launch_weight_grad(operands, dweight, dbias, *, n, block_size, symmetric, precision, scale=None, tiles=None):
+    """Fill dweight ``[C, E*B]`` (in any float dtype: written from the fp32 accumulator) and dbias
+    ``[C]`` (grad's column sums, in any float dtype) from weight_grad_operands' result for N pairs,
+    both multiplied by `scale` (a one-element tensor; None: by 1); all tensors contiguous. `tiles`
+    overrides the default config."""
     classes, emb = dweight.shape[0], dweight.shape[1] // block_size
     dtype = operands.grad.dtype  # the dots' operands' (hs and ts may be wider)
     shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dtype)
@@ -284,19 +316,24 @@ def launch_weight_grad(operands, dweight, *, n, block_size, symmetric, precision
     launch = tiles.launch_args(block_size)
     grad = operands.grad
     assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad with weight_grad_operands"
-    launcher(weight_grad_kernel)[(emb // launch["ROWS"],)](grad, operands.hs, operands.ts, dweight, n, grad.shape[1],
-                                                           **shapes, **launch)
+    # emb // ROWS programs for d weight, and the last for d bias
+    launcher(weight_grad_kernel)[(emb // launch["ROWS"] + 1,)](
+        grad, operands.hs, operands.ts, dweight, dbias, scale, n, grad.shape[1], **shapes, **launch,
+        HAS_SCALE=scale is not None)
 
 
-def launch_input_grad(grad, weight, hs, ts, dhs, dts, *, classes, block_size, symmetric, precision, tiles=None):
+def launch_input_grad(grad, weight, hs, ts, dhs, dts, *, classes, block_size, symmetric, precision, scale=None,
+                      tiles=None):
     """Fill dhs and dts ``[N, E]`` (in any float dtype: written from the fp32 accumulators) from
     padded_grad's grad and input_grad_operand's weight (all tensors contiguous; hs and ts may be
-    wider than the weight). `tiles` overrides the default config."""
+    wider than the weight), multiplied by `scale` (a one-element tensor; None: by 1). `tiles`
+    overrides the default config."""
     n, emb = hs.shape
     if n == 0:
         return
     tiles = tiles or pick_tiles(INPUT_GRAD_TILES, weight.dtype, precision, hs.device)
     launcher(input_grad_kernel)[(cdiv(n, tiles.block_n), emb // block_size)](
-        grad, hs, ts, weight, dhs, dts, n, **kernel_shapes(emb, classes, block_size, symmetric, precision, weight.dtype),
-        **tiles.launch_args(block_size)
+        grad, hs, ts, weight, dhs, dts, scale, n,
+        **kernel_shapes(emb, classes, block_size, symmetric, precision, weight.dtype), **tiles.launch_args(block_size),
+        HAS_SCALE=scale is not None,
     )

@@ -123,14 +123,17 @@ def epilogue_kernel(
     partial, SPLIT, bias, labels, logits, dlogits, row_loss, N,
     C: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     LOSS: tl.constexpr, GAMMA: tl.constexpr, MARGIN_REG: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, GRAD_COLS: tl.constexpr,
 ):
     """One program per BLOCK_N rows: f = sum_k partial[k] (in order k = 0, 1, ..., so the result
     does not depend on timing) + bias, in the loss dtype (fp32 or fp64); the logits in their
     dtype when WRITE_LOGITS; then, unless LOSS is HEAD_ONLY, the row losses and d(loss)/d(f) from
     f itself (as the C++ kernels do, not from the logits rounded to bf16/fp16), both divided by N
     for the mean reduction: the row losses' sum is then the mean, without a division kernel on
-    the host's path (per_pair_reduction). The loss-only op passes its logits as the one partial."""
+    the host's path (per_pair_reduction). d(loss)/d(f) goes to rows of GRAD_COLS columns in
+    dlogits' dtype: C, or BLOCK_C for the head backward's zero-padded grad operand
+    (head_backward.padded_grad), the padding columns' gradient being zero. The loss-only op
+    passes its logits as the one partial."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
@@ -151,14 +154,17 @@ def epilogue_kernel(
             pairs = tl.maximum(N, 1).to(f.dtype)
             loss, grad = loss / pairs, grad / pairs
         tl.store(row_loss + rows, loss, mask=row_ok)
-        tl.store(dlogits + at, grad, mask=ok)
+        grad_at = rows[:, None] * GRAD_COLS + cols[None, :]
+        grad_ok = row_ok[:, None] & (cols[None, :] < GRAD_COLS)
+        tl.store(dlogits + grad_at, grad.to(dlogits.dtype.element_ty), mask=grad_ok)
 
 
 def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_loss=None, loss=0, gamma=0.0,
                     margin_reg=False, mean=False):
     """From partial ``[SPLIT, N, C]`` (loss dtype): logits [N, C] (None: not written) and, when
-    `loss` is a loss code (not 0, head only), row_loss [N] and dlogits [N, C] in the loss dtype,
-    divided by N where `mean`. All tensors contiguous; `labels` in the loss dtype."""
+    `loss` is a loss code (not 0, head only), row_loss [N] in the loss dtype and dlogits, [N, C]
+    or the zero-padded [N, BLOCK_C] (any float dtype), divided by N where `mean`. All tensors
+    contiguous; `labels` in the loss dtype."""
     split, n, classes = partial.shape
     if n == 0:
         return
@@ -166,7 +172,7 @@ def launch_epilogue(partial, bias, logits, *, labels=None, dlogits=None, row_los
         partial, split, bias, labels, logits, dlogits, row_loss, n,
         C=classes, HAS_BIAS=bias is not None, WRITE_LOGITS=logits is not None,
         LOSS=loss, GAMMA=gamma, MARGIN_REG=margin_reg, MEAN=mean, BLOCK_C=padded(classes), BLOCK_N=EPILOGUE_ROWS,
-        num_warps=4, **COMPILE_OPTIONS,
+        GRAD_COLS=classes if dlogits is None else dlogits.shape[1], num_warps=4, **COMPILE_OPTIONS,
     )
 
 
