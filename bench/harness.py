@@ -264,6 +264,15 @@ def host_us(device, step, steps, repeats):
     return spread(times)
 
 
+def triton_launch_suffix():
+    """"-jit" where the Triton backend's launches take Triton's JITFunction.run instead of
+    LeanLaunch (NCRL_KERNELS_LEAN_LAUNCH=0, which make gpu-check sets where LeanLaunch fails its
+    check), else "": rows timed that way are named apart, as their launches cost the host more."""
+    from ncrl_kernels.triton_kernels import _launch
+
+    return "" if _launch.LEAN else "-jit"
+
+
 class NoLaunch:
     """Stands in for launcher(kernel)[grid]: counts launches, runs nothing."""
 

@@ -100,11 +100,15 @@ def main(argv=None):
 
 
 def paths(family):
-    """(path, launcher) pairs timed for `family` on this device: the path's launches go through
-    `launcher` (None: the backend's own)."""
+    """(row name, path, launcher) timed for `family` on this device: the path's launches go
+    through `launcher` (None: the backend's own). Where the backend's own launches take
+    JITFunction.run (NCRL_KERNELS_LEAN_LAUNCH=0), the Triton rows say so ("-jit") and there is no
+    separate jit_run row."""
     if DEVICE.type == "cuda" and family == "triton":
-        return [(path, None) for path in PATHS] + [("stubbed", harness.NoLaunch), ("jit_run", lambda kernel: kernel)]
-    return [(path, None) for path in PATHS]
+        suffix = harness.triton_launch_suffix()
+        return ([(path + suffix, path, None) for path in PATHS] + [("stubbed", "function", harness.NoLaunch)]
+                + ([] if suffix else [("jit_run", "function", lambda kernel: kernel)]))
+    return [(path, path, None) for path in PATHS]
 
 
 def measure(args):
@@ -119,9 +123,8 @@ def measure(args):
         labels = torch.zeros(n, classes, device=DEVICE)
         labels[:, 0] = 1
         extra = (ncrl_kernels.triton_kernels.backend.precision_for(dtype),) if family == "triton" else ()
-        for path, launcher in paths(family):
-            step = make_step(backend, path if path in PATHS else "function", (hs, ts, weight, bias, labels), block,
-                             extra)
+        for row_name, path, launcher in paths(family):
+            step = make_step(backend, path, (hs, ts, weight, bias, labels), block, extra)
             with harness.triton_launches_through(launcher) if launcher else contextlib.nullcontext():
                 p50, p20, p80 = harness.host_us(DEVICE, step, args.steps, args.repeats)
                 harness.NoLaunch.launches = 0
@@ -129,8 +132,9 @@ def measure(args):
             stubbed = launcher is harness.NoLaunch or (family == "triton" and DEVICE.type == "cpu")
             launches = harness.NoLaunch.launches if stubbed else ""
             dtype_name = str(dtype).removeprefix("torch.")
-            print(f"{family:<10} {path:<9} {dtype_name:<9} {n:>5}  {f'{p50:.0f} ({p20:.0f}-{p80:.0f})':>24}  {launches:>8}")
-            rows.append(dict(family=family, path=path, dtype=dtype_name, n_pairs=n, emb=emb, block=block,
+            print(f"{family:<10} {row_name:<9} {dtype_name:<9} {n:>5}  {f'{p50:.0f} ({p20:.0f}-{p80:.0f})':>24}  "
+                  f"{launches:>8}")
+            rows.append(dict(family=family, path=row_name, dtype=dtype_name, n_pairs=n, emb=emb, block=block,
                              classes=classes, host_us_p50=round(p50, 1), host_us_p20=round(p20, 1),
                              host_us_p80=round(p80, 1), launches=launches, device=name, commit=commit,
                              timestamp=stamp))

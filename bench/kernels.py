@@ -105,6 +105,8 @@ def kernel_rows(args, device, kind, symmetric, emit):
                                   inputs_elt=x.hs.element_size())
 
     firsts = {}  # kernel -> the first (default) candidate's output, which the others must match
+    # A short kernel's row times its launch too: "-jit" where launches take JITFunction.run.
+    launch_suffix = harness.triton_launch_suffix() if device.type == "cuda" else ""
 
     def measure(name, tiles, fn, split="", compare=lambda out: out):
         try:
@@ -117,7 +119,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
             return None
         value = compare(out).clone()
         diff = rel_diff(value, firsts.setdefault(name, value))
-        emit(dict(kernel=name, kind=kind, symmetric=int(symmetric), n_pairs=n, emb=emb, block=block, classes=classes,
+        emit(dict(kernel=name, kind=kind + launch_suffix, symmetric=int(symmetric), n_pairs=n, emb=emb, block=block, classes=classes,
                   tiles=tiles_name(tiles), split=split, ms=round(ms, 4), model_ms=round(model[name], 4),
                   tflops=round(model["flop"] / ms / 1e9, 1) if name != "epilogue" else "",
                   max_rel_diff=f"{diff:.1e}"))

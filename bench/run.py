@@ -93,13 +93,9 @@ def providers_for(device):
 
 def recorded_name(provider):
     """The provider's name in the rows: 'fused-triton-jit' for fused-triton launched through
-    Triton's JITFunction.run (NCRL_KERNELS_LEAN_LAUNCH=0; make gpu-check sets it where LeanLaunch
-    fails its check), whose launches cost the host more than the default's."""
+    Triton's JITFunction.run (harness.triton_launch_suffix)."""
     if provider.removesuffix(harness.GRAPH) == "fused-triton":
-        from ncrl_kernels.triton_kernels import _launch
-
-        if not _launch.LEAN:
-            return provider.replace("fused-triton", "fused-triton-jit")
+        return provider.replace("fused-triton", "fused-triton" + harness.triton_launch_suffix())
     return provider
 
 
