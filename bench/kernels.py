@@ -154,7 +154,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
         dweight = torch.empty_like(x.weight, dtype=torch.promote_types(x.weight.dtype, torch.float32))
         dbias = torch.empty(classes, device=device, dtype=dweight.dtype)
         measure("weight_grad", tiles, lambda t=tiles, d=dweight, b=dbias: head_backward.launch_weight_grad(
-            weight_grad_operands, d, b, n=n, scale=scale, tiles=t, **common) or d)
+            weight_grad_operands, d, grad, b, n=n, scale=scale, tiles=t, **common) or d)
     weight = head_backward.input_grad_operand(x.weight)
     for tiles in candidate_tiles(head_backward.INPUT_GRAD_TILES, dtype, precision, x.hs.device):
         dhs, dts = torch.empty_like(x.hs), torch.empty_like(x.ts)

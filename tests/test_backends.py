@@ -147,7 +147,7 @@ def test_fp16_gradients_under_a_loss_scale(device, backend):
     """fp16 with a GradScaler's incoming gradient (its scale starts at 2**16 and grows) on a mean
     loss whose d loss / d logits is all below fp16's smallest subnormal: margins of about 18 (from
     the bias), divided by N. The scale must reach it before its rounding to fp16, as in eager
-    autocast, or every gradient but d bias would be zero."""
+    autocast, or every gradient would be zero."""
     hs, ts, weight, _, labels = make_head_inputs(16, 16, 4, 5, dtype=torch.float16, device=device, scale=0.05)
     labels.zero_()
     labels[:, 0] = 1
@@ -163,6 +163,12 @@ def test_fp16_gradients_under_a_loss_scale(device, backend):
     for name, a, e in zip(("d_hs", "d_ts", "d_weight", "d_bias"), got, want):
         size = e.grad.abs().max()  # compared relative to their own size, all well under 1
         assert_close(a.grad / size, e.grad / size, torch.float16, f"{backend} {name}")
+    # d bias (fp32, as the bias) is summed from d loss / d logits in fp32: without the scale too.
+    got, want = leaves(hs, ts, weight, bias), fp64(hs, ts, weight, bias)
+    ncrl_kernels.fused_ncrl(*got, labels, backend=backend, **kw).backward()
+    ncrl_kernels.fused_ncrl(*want, labels.cpu(), backend="reference", **kw).backward()
+    size = want[3].grad.abs().max()
+    assert_close(got[3].grad / size, want[3].grad / size, torch.float32, f"{backend} unscaled d_bias")
 
 
 @pytest.mark.parametrize("device,backend", all_backends())

@@ -261,12 +261,12 @@ def test_batched_gradients_and_vmap(device, backend):
     torch.vmap over the head give what a loop over the batch gives."""
     hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
     h, t, w = leaves(hs, ts, weight)
-    per_pair = ncrl_kernels.fused_ncrl(h, t, w, bias, labels, block_size=4, reduction="none", backend=backend)
-    seeds = torch.eye(6, device=device)
-    (batched,) = torch.autograd.grad(per_pair, w, seeds, is_grads_batched=True, retain_graph=True)
-    for row, seed in enumerate(seeds):
-        (want,) = torch.autograd.grad(per_pair, w, seed, retain_graph=True)
-        assert_close(batched[row], want, torch.float32, f"batched grad row {row}")
+    for reduction, seeds in (("none", torch.eye(6, device=device)), ("mean", torch.tensor([0.3, 2.0], device=device))):
+        loss = ncrl_kernels.fused_ncrl(h, t, w, bias, labels, block_size=4, reduction=reduction, backend=backend)
+        (batched,) = torch.autograd.grad(loss, w, seeds, is_grads_batched=True, retain_graph=True)
+        for row, seed in enumerate(seeds):
+            (want,) = torch.autograd.grad(loss, w, seed, retain_graph=True)
+            assert_close(batched[row], want, torch.float32, f"{reduction} batched grad row {row}")
     stacked = torch.stack([hs, ts.flip(0)])
     got = torch.vmap(lambda x: ncrl_kernels.group_bilinear(x, x, weight, bias, block_size=4, backend=backend))(stacked)
     for i, x in enumerate(stacked):
@@ -303,7 +303,9 @@ def test_compile_fullgraph(device, backend, dynamic):
     got, got_pred = compiled(*compiled_args, labels)
     assert_close(got, want, torch.float32, "compiled loss")
     assert torch.equal(got_pred, want_pred)
-    for a, e in zip(torch.autograd.grad(got, compiled_args), torch.autograd.grad(want, eager_args)):
+    # An incoming gradient other than 1: the operators' backward scales by it (OpFamily.head_backward).
+    for a, e in zip(torch.autograd.grad(got, compiled_args, upstream(got)),
+                    torch.autograd.grad(want, eager_args, upstream(want))):
         assert_close(a, e, torch.float32, "compiled grad")
 
 
@@ -335,10 +337,10 @@ def test_compile_inductor(device, backend):
     fn = lambda *a: ncrl_kernels.fused_ncrl(*a, labels, block_size=8, backend=backend)  # noqa: E731
     args = leaves(hs, ts, weight, bias)
     got = torch.compile(fn, fullgraph=True)(*args)
-    got.backward()
+    got.backward(upstream(got))
     want_args = fp64(hs, ts, weight, bias)
     want = ncrl_kernels.fused_ncrl(*want_args, labels.cpu(), block_size=8, backend="reference")
-    want.backward()
+    want.backward(upstream(want))
     assert_close(got, want, torch.float32, "inductor loss")
     for a, e in zip(args, want_args):
         assert_close(a.grad, e.grad, torch.float32, "inductor grad")

@@ -157,11 +157,15 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
     # never held together (head_backward.py). d bias is summed in the loss dtype by the weight
-    # grad's last program: the head op's grad_logits come in the head's.
+    # grad's last program, from the padded grad before its rounding to the operands' dtype where
+    # there is one (fp16's and "none"'s, scaled here), as torch.sum summed it: a sum of fp16
+    # values would lose the small ones (an incoming gradient such as GradScaler's scale is
+    # what keeps them). The head op's grad_logits come in the head's dtype.
     grad = padded_grad(grad_logits, weight.dtype)
+    bias_grad = grad_logits if grad_logits.shape == grad.shape and grad_logits.is_contiguous() else grad
     with _on_device(hs):
         if weight_grad:
-            launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, dbias, n=hs.shape[0], **config)
+            launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, bias_grad, dbias, n=hs.shape[0], **config)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
     return dhs, dts, dweight, dbias

@@ -88,12 +88,15 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         backward = head_backward.kernel_shapes(emb, classes, block, symmetric, precision, torch_dtype)
         out.append((f"forward {suffix}", head_forward.head_forward_kernel,
                     dict(hs=x, ts=x, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
-        # As a fused op's backward launches them, its incoming gradient scaling the results (fp16's
-        # grad operand is scaled before its rounding instead: backend.grad_operand_dtype).
+        # As a fused op's mean or sum backward launches them, its incoming gradient scaling the
+        # results; fp16's grad operand is scaled before its rounding instead, and d bias summed
+        # from it in fp32 (backend.grad_operand_dtype). Without the scale (the head op's backward,
+        # "none", the operators' route) they lack one multiply and are not compiled separately.
         scaled = dict(backward, HAS_SCALE=dtype != "fp16")
+        bias_grad = loss_ptr if dtype == "fp16" else ptr
         out.append((f"weight grad {suffix}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr, dbias=loss_ptr, scale=loss_ptr), scaled,
-                    tiles(head_backward.WEIGHT_GRAD_TILES)))
+                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr, bias_grad=bias_grad, dbias=loss_ptr,
+                         scale=loss_ptr), scaled, tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad {suffix}", head_backward.input_grad_kernel,
                     dict(grad=ptr, hs=x, ts=x, weight=ptr, dhs=x, dts=x, scale=loss_ptr), scaled,
                     tiles(head_backward.INPUT_GRAD_TILES)))
@@ -109,6 +112,11 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         out.append((f"epilogue {name}", loss_rows.epilogue_kernel, pointers,
                     dict(epilogue, HAS_BIAS=True, WRITE_LOGITS=True, LOSS=code, GAMMA=0.05 if name == "ncrl" else 0.0,
                          MARGIN_REG=True, MEAN=True), [(None, True)]))
+    # The loss-only op's: its logits as the one partial, d loss / d logits [N, C] in the loss dtype.
+    out.append(("epilogue ncrl loss only", loss_rows.epilogue_kernel,
+                dict(partial=loss_ptr, labels=loss_ptr, dlogits=loss_ptr, row_loss=loss_ptr, bias=None, logits=None),
+                dict(epilogue, GRAD_COLS=classes, HAS_BIAS=False, WRITE_LOGITS=False, LOSS=LOSS_CODES["ncrl"],
+                     GAMMA=0.05, MARGIN_REG=True, MEAN=True), [(None, True)]))
     return out
 
 

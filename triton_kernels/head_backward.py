@@ -21,9 +21,10 @@ transposed (``[E, N']``): from ``[N, E]`` their group tile came by 4-byte copies
   weight columns s*B + j of every class), looping over all pair tiles in order:
   ``dW[:, s*B + j]^T += feature[tile, s*B + j]^T @ grad[tile]``, the feature rows stacked into the
   M dimension of one tl.dot (M = ROWS*BLOCK_J, BLOCK_J being B padded to a power of two >= 16) so
-  that each grad tile read serves ROWS rows; and one program more for d bias, grad's column sums
-  (in the same order, so deterministic: one host call and one kernel fewer than a torch.sum on
-  the host's path, which is the 16-bit step's bound).
+  that each grad tile read serves ROWS rows; and one program more for d bias, the column sums of
+  grad as it was before its rounding to the operands' dtype (``bias_grad``, ``[N, BLOCK_C]``), in
+  the same order, so deterministic: one host call and one kernel fewer than a torch.sum on the
+  host's path, which is the 16-bit step's bound.
 - ``input_grad_kernel``: one program per (pair tile, group g): ``d feature = grad @ W`` for ROWS
   feature rows per tl.dot (N = ROWS*BLOCK_J), reduced against ts and hs into that group's columns of
   d hs and d ts.
@@ -69,22 +70,9 @@ def kron_rows_t(hs, ts, ns, n_ok, s0, g, pair_stride, E: tl.constexpr, B: tl.con
     return x
 
 
-@triton.jit
-def grad_rows(grad, ns, n_ok, cs, grad_stride, BLOCK_C: tl.constexpr, K_MAJOR: tl.constexpr):
-    """The grad tile ``[BLOCK_N, BLOCK_C]`` of pairs ns, zero past N: grad is ``[N, BLOCK_C]``, or
-    (K_MAJOR) ``[BLOCK_C, grad_stride]``, pairs (the d weight dot's K) contiguous and zero-padded to a
-    multiple of every BLOCK_N, read unmasked, as a mask varying along the pairs would split the
-    copies into single elements."""
-    if K_MAJOR:
-        tile = tl.load(grad + cs.to(tl.int64)[None, :] * grad_stride + ns[:, None])
-    else:
-        tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
-    return tile
-
-
 @triton.jit(do_not_specialize=["N"])
 def weight_grad_kernel(
-    grad, hs, ts, dweight, dbias, scale, N, grad_stride,
+    grad, hs, ts, dweight, bias_grad, dbias, scale, N, grad_stride,
     E: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_FP64: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
@@ -93,12 +81,13 @@ def weight_grad_kernel(
     COMPUTE: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     cs = tl.arange(0, BLOCK_C)
     if tl.program_id(0) == E // ROWS:
-        # The last program: d bias, grad's column sums, over the pair tiles in order.
+        # The last program: d bias, the column sums of bias_grad ([N, BLOCK_C], any float dtype),
+        # over the pair tiles in order.
         total = tl.zeros([BLOCK_N, BLOCK_C], dtype=COMPUTE)
         for first in range(0, N, BLOCK_N):
             ns = first + tl.arange(0, BLOCK_N)
-            n_ok = ns < N
-            total += grad_rows(grad, ns.to(tl.int64), n_ok, cs, grad_stride, BLOCK_C, K_MAJOR).to(COMPUTE)
+            at = ns.to(tl.int64)[:, None] * BLOCK_C + cs[None, :]
+            total += tl.load(bias_grad + at, mask=(ns < N)[:, None], other=0.0).to(COMPUTE)
         column_sums = tl.sum(total, axis=0)
         if HAS_SCALE:
             column_sums *= tl.load(scale).to(COMPUTE)
@@ -113,7 +102,13 @@ def weight_grad_kernel(
             ns = ns.to(tl.int64)
             x = kron_rows_t(hs, ts, ns, n_ok, s0, g, grad_stride, E, B, SYMMETRIC, COMPUTE, grad.dtype.element_ty,
                             BLOCK_J, ROWS, K_MAJOR)
-            grad_tile = grad_rows(grad, ns, n_ok, cs, grad_stride, BLOCK_C, K_MAJOR)
+            if K_MAJOR:
+                # grad is [BLOCK_C, grad_stride], pairs (the dot's K) contiguous and zero-padded to
+                # a multiple of every BLOCK_N: unmasked, as a mask varying along the pairs would
+                # split the copies into single elements.
+                grad_tile = tl.load(grad + cs.to(tl.int64)[None, :] * grad_stride + ns[:, None])
+            else:  # grad is [N, BLOCK_C]
+                grad_tile = tl.load(grad + ns[:, None] * BLOCK_C + cs[None, :], mask=n_ok[:, None], other=0.0)
             acc = mma(tl.reshape(x, [ROWS * BLOCK_J, BLOCK_N]), grad_tile, acc, PRECISION)
         if HAS_SCALE:
             acc *= tl.load(scale).to(COMPUTE)
@@ -264,11 +259,11 @@ def zero_padded(x, shape, dtype=None):
 
 def padded_grad(grad_logits, dtype):
     """d loss / d logits ``[N, C]`` as the backward kernels' grad, ``[N, BLOCK_C]`` in `dtype` (the
-    operands'), classes zero-padded: 16-byte rows, read unmasked along the classes. A grad already
-    so (the fused forward's, or one with C = BLOCK_C) as it is."""
+    operands'), classes zero-padded: 16-byte rows, read unmasked along the classes. A grad that
+    is padded already (the fused forward's, or one with C = BLOCK_C) is only cast, if need be."""
     n, classes = grad_logits.shape
-    if classes == padded(classes) and grad_logits.dtype == dtype and grad_logits.is_contiguous():
-        return grad_logits
+    if classes == padded(classes) and grad_logits.is_contiguous():
+        return grad_logits.to(dtype)
     return zero_padded(grad_logits, (n, padded(classes)), dtype)
 
 
@@ -304,11 +299,13 @@ def kernel_shapes(emb, classes, block_size, symmetric, precision, dtype):
     return dict(head_constants(emb, classes, block_size, symmetric, precision, dtype), K_MAJOR=k_major(dtype))
 
 
-def launch_weight_grad(operands, dweight, dbias, *, n, block_size, symmetric, precision, scale=None, tiles=None):
-    """Fill dweight ``[C, E*B]`` (in any float dtype: written from the fp32 accumulator) and dbias
-    ``[C]`` (grad's column sums, in any float dtype) from weight_grad_operands' result for N pairs,
-    both multiplied by `scale` (a one-element tensor; None: by 1); all tensors contiguous. `tiles`
-    overrides the default config."""
+def launch_weight_grad(operands, dweight, bias_grad, dbias, *, n, block_size, symmetric, precision, scale=None,
+                       tiles=None):
+    """Fill dweight ``[C, E*B]`` (in any float dtype: written from the fp32 accumulator) from
+    weight_grad_operands' result for N pairs, and dbias ``[C]`` (in any float dtype) with the
+    column sums of `bias_grad`, ``[N, BLOCK_C]`` in any float dtype (padded_grad's grad, or what it
+    was made from, unrounded), both multiplied by `scale` (a one-element tensor; None: by 1); all
+    tensors contiguous. `tiles` overrides the default config."""
     classes, emb = dweight.shape[0], dweight.shape[1] // block_size
     dtype = operands.grad.dtype  # the dots' operands' (hs and ts may be wider)
     shapes = kernel_shapes(emb, classes, block_size, symmetric, precision, dtype)
@@ -318,7 +315,7 @@ def launch_weight_grad(operands, dweight, dbias, *, n, block_size, symmetric, pr
     assert not shapes["K_MAJOR"] or grad.shape[1] % launch["BLOCK_N"] == 0, "pad with weight_grad_operands"
     # emb // ROWS programs for d weight, and the last for d bias
     launcher(weight_grad_kernel)[(emb // launch["ROWS"] + 1,)](
-        grad, operands.hs, operands.ts, dweight, dbias, scale, n, grad.shape[1], **shapes, **launch,
+        grad, operands.hs, operands.ts, dweight, bias_grad, dbias, scale, n, grad.shape[1], **shapes, **launch,
         HAS_SCALE=scale is not None)
 
 
