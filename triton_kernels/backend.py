@@ -143,9 +143,9 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
       (`grad_logits`, the backward's grad operand as the fused forward writes it) is to be
       scaled; None where grad_logits is the gradient itself. A scalar one, where grad_logits is
       in the operands' dtype, is applied by the kernels to their fp32 results (no kernel on the
-      host's path; exact where it is a power of two, as GradScaler's and the plain backward's
-      1 are); one per pair ("none"), or grad_logits kept wider (``grad_operand_dtype``), scales it
-      here, before its rounding.
+      host's path; the same bits as scaling first where it is a power of two, as the plain
+      backward's 1 and GradScaler's scales with its default factors are); one per pair ("none"),
+      or grad_logits kept wider (fp16: ``grad_operand_dtype``), scales it here, before its rounding.
     """
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     if grad_scale is not None and (grad_scale.dim() or grad_logits.dtype != weight.dtype):
@@ -157,10 +157,10 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
     # never held together (head_backward.py). d bias is summed in the loss dtype by the weight
-    # grad's last program, from the padded grad before its rounding to the operands' dtype where
-    # there is one (fp16's and "none"'s, scaled here), as torch.sum summed it: a sum of fp16
-    # values would lose the small ones (an incoming gradient such as GradScaler's scale is
-    # what keeps them). The head op's grad_logits come in the head's dtype.
+    # grad's last program, from the padded grad as it was before padded_grad rounded it to the
+    # operands' dtype (fp16's and "none"'s, scaled here in fp32): summed from fp16 values, its
+    # small terms would be lost. bf16's mean and sum sum the bf16 operand the epilogue wrote (as
+    # eager autocast's linear sums its bf16 gradient), the head op its own grad_logits.
     grad = padded_grad(grad_logits, weight.dtype)
     bias_grad = grad_logits if grad_logits.shape == grad.shape and grad_logits.is_contiguous() else grad
     with _on_device(hs):
