@@ -27,7 +27,6 @@ import roofline  # noqa: E402
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
 from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles, padded  # noqa: E402
-from ncrl_kernels.triton_kernels.backend import grad_operand_dtype  # noqa: E402
 from ncrl_kernels.triton_kernels._launch import direct_launches  # noqa: E402
 
 # Benchmark dtypes: the head's dtype (the weight's, the dots' operands'), the fp32 matmul precision
@@ -137,7 +136,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
         return
     logits = torch.empty(n, classes, device=device, dtype=dtype)
     # As the fused op writes it: the backward's padded grad operand (for the mean loss).
-    dlogits = torch.empty(n, padded(classes), device=device, dtype=grad_operand_dtype(dtype, "mean"))
+    dlogits = torch.empty(n, padded(classes), device=device, dtype=head_backward.grad_operand_dtype(dtype, "mean"))
     row_loss = torch.empty(n, device=device)
     measure("epilogue", Tiles(loss_rows.EPILOGUE_ROWS, 1, 4, 1),
             lambda: loss_rows.launch_epilogue(partial, None, logits, labels=x.labels, dlogits=dlogits,
@@ -147,7 +146,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
     # The kernels alone: their operands (padded, and transposed for fp32) are prepared once, outside the timing;
     # their results scaled by an incoming gradient, as a fused op's backward runs them (but fp16's).
     grad = head_backward.padded_grad(x.grad_logits, dtype)
-    scale = torch.ones((), device=device) if grad_operand_dtype(dtype, "mean") == dtype else None
+    scale = torch.ones((), device=device) if head_backward.grad_operand_dtype(dtype, "mean") == dtype else None
     weight_grad_operands = head_backward.weight_grad_operands(grad, x.hs, x.ts)
     for tiles in candidate_tiles(head_backward.WEIGHT_GRAD_TILES, dtype, precision, x.hs.device):
         # In fp32 for 16-bit operands too, as under autocast with an fp32 weight (ATLOP's case).

@@ -40,8 +40,8 @@ from ..reference import head_dtype, loss_dtype, reduce_pairs
 from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
 from ._common import LOSS_CODES, padded, precision_for
 from ._launch import direct_launches
-from .head_backward import (input_grad_operand, launch_input_grad, launch_weight_grad, padded_grad,
-                            weight_grad_operands)
+from .head_backward import (grad_operand_dtype, input_grad_operand, launch_input_grad, launch_weight_grad,
+                            padded_grad, weight_grad_operands)
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue, per_pair_reduction
 
@@ -145,7 +145,7 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
       in the operands' dtype, is applied by the kernels to their fp32 results (no kernel on the
       host's path; the same bits as scaling first where it is a power of two, as the plain
       backward's 1 and GradScaler's scales with its default factors are); one per pair ("none"),
-      or grad_logits kept wider (fp16: ``grad_operand_dtype``), scales it here, before its rounding.
+      or grad_logits kept wider (fp16: ``head_backward.grad_operand_dtype``), scales it here, before its rounding.
     """
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     if grad_scale is not None and (grad_scale.dim() or grad_logits.dtype != weight.dtype):
@@ -187,17 +187,6 @@ def _loss_forward(logits: Tensor, labels: Tensor, loss: str, gamma: float, margi
 
 
 loss_forward = _define("loss_forward", _loss_forward)
-
-
-def grad_operand_dtype(dtype, reduction):
-    """The dtype in which the fused forward of a head in `dtype` writes d loss / d logits, as the
-    backward's grad operand (zero-padded ``[N, BLOCK_C]``, head_backward.padded_grad): the head's
-    own, ready for the kernels, which then scale their results by the incoming gradient
-    (_head_grads); but the loss dtype for "none", whose incoming gradient (one per pair) scales
-    the operand before it is rounded, and for fp16, whose range needs GradScaler's scale applied
-    before the rounding: d loss / d logits divided by N for "mean" would otherwise lose its small
-    values to fp16's subnormals (bf16 has fp32's range)."""
-    return dtype if reduction != "none" and dtype != torch.float16 else loss_dtype(dtype)
 
 
 def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, block_size: int,

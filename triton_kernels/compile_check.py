@@ -70,6 +70,8 @@ def variants(dtype, emb, block, classes, all_configs, arch):
     # 16-bit d weight as under autocast with an fp32 weight (ATLOP's AMP), written in fp32 from
     # the accumulator; 16-bit parameters' d weight differs only in that final store.
     dweight_ptr = "*fp32" if dtype in ("bf16", "fp16") else ptr
+    # The fused forward's d loss / d logits, as the backward reads it (mean and sum).
+    grad_ptr = ptr if head_backward.grad_operand_dtype(torch_dtype, "mean") == torch_dtype else loss_ptr
     kind = kind_of(dtype)
 
     def tiles(table):
@@ -88,23 +90,23 @@ def variants(dtype, emb, block, classes, all_configs, arch):
         backward = head_backward.kernel_shapes(emb, classes, block, symmetric, precision, torch_dtype)
         out.append((f"forward {suffix}", head_forward.head_forward_kernel,
                     dict(hs=x, ts=x, weight=ptr, partial=loss_ptr), forward, tiles(head_forward.FORWARD_TILES)))
-        # As a fused op's mean or sum backward launches them, its incoming gradient scaling the
-        # results; fp16's grad operand is scaled before its rounding instead, and d bias summed
-        # from it in fp32 (backend.grad_operand_dtype). Without the scale (the head op's backward,
-        # "none", the operators' route) they lack one multiply and are not compiled separately.
-        scaled = dict(backward, HAS_SCALE=dtype != "fp16")
-        bias_grad = loss_ptr if dtype == "fp16" else ptr
+        # As a fused op's mean or sum backward launches them: its incoming gradient scales the
+        # results where the forward wrote the grad operand in the head's dtype; where it wrote it
+        # wider (fp16), the backward scales it before its rounding and d bias is summed from it
+        # (head_backward.grad_operand_dtype). Without the scale (the head op's backward, "none",
+        # the operators' route) they lack one multiply and are not compiled separately.
+        scaled = dict(backward, HAS_SCALE=grad_ptr == ptr)
         out.append((f"weight grad {suffix}", head_backward.weight_grad_kernel,
-                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr, bias_grad=bias_grad, dbias=loss_ptr,
+                    dict(grad=ptr, hs=x, ts=x, dweight=dweight_ptr, bias_grad=grad_ptr, dbias=loss_ptr,
                          scale=loss_ptr), scaled, tiles(head_backward.WEIGHT_GRAD_TILES)))
         out.append((f"input grad {suffix}", head_backward.input_grad_kernel,
                     dict(grad=ptr, hs=x, ts=x, weight=ptr, dhs=x, dts=x, scale=loss_ptr), scaled,
                     tiles(head_backward.INPUT_GRAD_TILES)))
-    # The fused op's: d loss / d logits as the backward's padded grad operand, in the head's dtype
-    # but fp16's (backend.grad_operand_dtype, mean and sum; the loss-only op's differ in its columns).
+    # The fused op's: d loss / d logits as the backward's padded grad operand (mean and sum; the
+    # loss-only op's differ in its columns).
     epilogue = dict(C=classes, BLOCK_C=padded(classes), BLOCK_N=loss_rows.EPILOGUE_ROWS, GRAD_COLS=padded(classes))
-    pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr,
-                    dlogits=loss_ptr if dtype == "fp16" else ptr, row_loss=loss_ptr)
+    pointers = dict(partial=loss_ptr, bias=loss_ptr, labels=loss_ptr, logits=ptr, dlogits=grad_ptr,
+                    row_loss=loss_ptr)
     out.append(("epilogue head only", loss_rows.epilogue_kernel, pointers,
                 dict(epilogue, HAS_BIAS=True, WRITE_LOGITS=True, LOSS=0, GAMMA=0.0, MARGIN_REG=False, MEAN=False),
                 [(None, True)]))

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import loss_dtype
 from ._common import TRITON_VERSION, Tiles, cdiv, mma, padded, pick_tiles
 from ._launch import launcher
 from .head_forward import head_constants, rounded, rows_of, weight_rows_at
@@ -265,6 +266,17 @@ def padded_grad(grad_logits, dtype):
     if classes == padded(classes) and grad_logits.is_contiguous():
         return grad_logits.to(dtype)
     return zero_padded(grad_logits, (n, padded(classes)), dtype)
+
+
+def grad_operand_dtype(dtype, reduction):
+    """The dtype in which the fused forward of a head in `dtype` writes d loss / d logits, as the
+    backward's grad operand (zero-padded ``[N, BLOCK_C]``, as padded_grad makes it): the head's
+    own, ready for the kernels, which then scale their results by the incoming gradient
+    (backend._head_grads); but the loss dtype for "none", whose incoming gradient (one per pair)
+    scales the operand before it is rounded, and for fp16, whose range needs GradScaler's scale
+    applied before the rounding: d loss / d logits divided by N for "mean" would otherwise lose
+    its small values to fp16's subnormals (bf16 has fp32's range)."""
+    return dtype if reduction != "none" and dtype != torch.float16 else loss_dtype(dtype)
 
 
 class WeightGradOperands(NamedTuple):
