@@ -274,6 +274,25 @@ def test_batched_gradients_and_vmap(device, backend):
                      torch.float32, "vmap")
 
 
+@pytest.mark.parametrize("device,backend", fused_backends())
+def test_tensor_escaped_from_a_transform(device, backend):
+    """A tensor kept from inside a finished torch.func transform (a dead functorch wrapper, whose
+    data Triton and the extension cannot reach) goes through the eager route's C apply as it goes
+    through Function.apply: unwrapped, giving the plain tensor's loss and gradients."""
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    kept = []
+    torch.func.grad(lambda x: kept.append(x * 1) or x.sum())(hs)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    got, want = [], []
+    for x, out in ((kept[0], got), (hs, want)):
+        t, w = leaves(ts, weight)
+        loss = ncrl_kernels.fused_ncrl(x, t, w, bias, labels, block_size=4, backend=backend)
+        loss.backward()
+        out += [loss.detach(), t.grad, w.grad]
+    for name, g, r in zip(("loss", "d ts", "d weight"), got, want):
+        assert_close(g, r, torch.float32, name)
+
+
 @pytest.mark.parametrize("device", extension_devices())
 def test_extension_gradcheck(device):
     hs, ts, weight, bias, labels = make_head_inputs(7, 8, 4, 3, dtype=torch.float64, device=device)

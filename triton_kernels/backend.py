@@ -150,9 +150,7 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     if grad_scale is not None and (grad_scale.dim() or grad_logits.dtype != weight.dtype):
         grad_logits, grad_scale = _op_autograd.scaled_grad(grad_scale, grad_logits), None
-    dhs, dts, dweight, dbias = _op_autograd.empty_head_grads(grad_logits, hs, ts, weight, block_size, symmetric,
-                                                             input_grad, weight_grad,
-                                                             weight_grad_dtype=weight_grad_dtype)
+    dweight, dbias = _op_autograd.empty_weight_grads(weight, weight_grad, weight_grad_dtype)
     config = dict(block_size=block_size, symmetric=symmetric, precision=precision, scale=grad_scale)
     # Each kernel's operands are built just before its launch and dropped after it, so the fp32
     # weight grad's transposed copies of grad, hs and ts and the input grad's of the weight are
@@ -166,6 +164,9 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
     with _on_device(hs):
         if weight_grad:
             launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, bias_grad, dbias, n=hs.shape[0], **config)
+        # Allocated after the weight grad's launch: a host-bound step waits for the host up to
+        # that launch, and the GPU then runs the weight grad for longer than the rest takes here.
+        dhs, dts = _op_autograd.empty_input_grads(hs, ts, input_grad)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
     return dhs, dts, dweight, dbias

@@ -264,7 +264,7 @@ def padded_grad(grad_logits, dtype):
     is padded already (the fused forward's, or one with C = BLOCK_C) is only cast, if need be."""
     n, classes = grad_logits.shape
     if classes == padded(classes) and grad_logits.is_contiguous():
-        return grad_logits.to(dtype)
+        return grad_logits if grad_logits.dtype == dtype else grad_logits.to(dtype)  # a no-op .to costs a dispatch
     return zero_padded(grad_logits, (n, padded(classes)), dtype)
 
 
