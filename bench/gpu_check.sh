@@ -12,7 +12,8 @@
 #      (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; into bench/results/tf32/), providers fused-triton,
 #      eager, compiled and gemm-bound, time and peak memory, rows appended case by case, the bf16
 #      steps also replayed from a CUDA graph (rows "<provider>+graph": GPU time alone); then where
-#      a fused step's time goes (bench/step_profile.py: GPU kernels against host time),
+#      a fused step's time goes (bench/step_profile.py: GPU kernels against host time, and the
+#      host's time to the weight grad's launch, which a host-bound step waits for),
 #   3. the Triton GPU tests (tests/test_triton.py -m gpu: DocRED size, determinism, memory, 3xTF32;
 #      torch.compile, then every candidate config, last),
 #   4. once the build is done (or, at the latest, 250 s before the end of the budget; where it

@@ -2,7 +2,9 @@
 """Where the time of one fused forward + backward goes on a GPU: torch.profiler over a few steps
 of bench/run.py's case, the GPU time of each kernel, and the step's wall time with and without
 waiting for the GPU (the gap is Python and launch overhead that a training step overlaps with
-the encoder's GPU work).
+the encoder's GPU work). For the Triton provider also the host's time from a step's start to the
+weight grad's launch: a step bound by the host ends about that long plus the gradient kernels'
+GPU time after its start (docs/triton.md, "Where the time goes").
 
     python bench/step_profile.py --n 4096 --dtype bf16
 """
@@ -14,7 +16,39 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import run  # noqa: E402
+
+
+def host_to_weight_grad_launch(once, steps, device):
+    """Mean host time in ms from the start of `once` (a Triton step) to its weight grad's launch,
+    and of the whole step, each step started with `device` idle."""
+    from ncrl_kernels.triton_kernels import _launch, head_backward
+
+    marks = []
+
+    class Marking:
+        """The backend's launcher, noting when the weight grad's launch is issued."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            if self.kernel is head_backward.weight_grad_kernel:
+                marks.append(time.perf_counter())
+            return _launch.launcher(self.kernel)[grid]
+
+    to_launch = whole = 0.0
+    with harness.triton_launches_through(Marking):
+        for _ in range(steps):
+            harness.synchronize(device)
+            del marks[:]
+            start = time.perf_counter()
+            once()
+            whole += time.perf_counter() - start
+            to_launch += marks[0] - start
+    harness.synchronize(device)
+    return to_launch * 1e3 / steps, whole * 1e3 / steps
 
 
 def main(argv=None):
@@ -56,6 +90,10 @@ def main(argv=None):
           f"{host_ms:.3f} ms, GPU kernels {total_us / 1e3:.3f} ms")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
         print(f"  {e.device_time_total / args.steps / 1e3:8.3f} ms  x{e.count // args.steps:<3d} {e.key[:90]}")
+    if args.provider.startswith("fused-triton"):
+        to_launch, whole = host_to_weight_grad_launch(once, args.steps, device)
+        print(f"host to the weight grad's launch {to_launch:.3f} ms of {whole:.3f} ms host per step (each step "
+              "started with the GPU idle)")
 
 
 if __name__ == "__main__":

@@ -309,3 +309,19 @@ def test_memory_model_runs(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert (row["dtype"], row["n_pairs"]) == ("bf16", "4096")
     assert 50 < float(row["peak_mem_mib"]) <= 0.05 * 1179
+
+
+@pytest.mark.skipif("triton" not in __import__("ncrl_kernels").available_backends("cpu"),
+                    reason="needs Triton (its interpreter on the CPU)")
+def test_step_profile_times_the_weight_grad_launch():
+    """bench/step_profile.py's host time to the weight grad's launch (which only a GPU check runs
+    for real), on an interpreted fp32 Triton step: the launch comes inside the step, once each."""
+    import step_profile
+
+    case = run.make_case(8, 16, 4, 5, torch.device("cpu"))
+    step = run.make_step("fused-triton")
+
+    def once():
+        step(case).backward()
+    to_launch, whole = step_profile.host_to_weight_grad_launch(once, 2, torch.device("cpu"))
+    assert 0 < to_launch < whole

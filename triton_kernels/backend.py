@@ -56,8 +56,12 @@ KERNELS = (forward_kernels.head_forward_kernel, loss_kernels.epilogue_kernel, ba
 
 def _on_device(tensor):
     """Triton launches on the current CUDA device: make it the tensors' one (as CUDAGuard does
-    for the C++ kernels), e.g. under DDP without torch.cuda.set_device."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    for the C++ kernels), e.g. under DDP without torch.cuda.set_device. Where it is already, no
+    torch.cuda.device (its Python costs a few microseconds of the host's step, twice before the
+    weight grad's launch)."""
+    if not tensor.is_cuda or tensor.get_device() == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def _define(name, fn, fake=None):
