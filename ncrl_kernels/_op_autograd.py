@@ -21,7 +21,9 @@ import torch
 
 from .reference import autocast_head, head_dtype, loss_dtype
 
-unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# Whether Function.apply is the C apply itself (torch >= 2.14), which unwraps tensors kept from a
+# finished functorch transform (dead wrappers) on its own; before, Function.apply's Python did.
+APPLY_IS_C = torch.autograd.Function.__dict__.get("apply") is torch._C._FunctionBase.__dict__.get("apply")
 
 HEAD_ARGS = 6  # hs, ts, weight, bias, block_size, symmetric
 LOSS_ARGS = 6  # logits, labels, loss, gamma, margin_reg, reduction
@@ -227,10 +229,10 @@ class OpFamily:
     def __init__(self, ops, impls, rounds_inputs=False):
         self.ops, self.impls, self.rounds_inputs = ops, impls, rounds_inputs
         self.functions = autograd_functions(impls, self.head_backward)
-        # Each Function's C apply, below Function.apply's Python: that binds arguments for a
-        # setup_context (these have none), checks for functorch transforms (the eager route runs
-        # only where none is active: dispatches_ops) and unwraps dead functorch wrappers
-        # (``function`` does), about 3 us of a stubbed step's 170 on this project's CPU.
+        # Each Function's C apply. Before torch 2.14, Function.apply's Python around it checked
+        # for a setup_context and for functorch transforms (the eager route runs only where none
+        # is active: dispatches_ops) and unwrapped dead functorch wrappers (``function`` does): a
+        # frame and about 1.5-2 us of the host's step on this project's CPU, net.
         self.applies = {name: super(torch.autograd.Function, cls).apply for name, cls in self.functions.items()}
 
     def __call__(self, name, *args, autocast=None):
@@ -252,7 +254,12 @@ class OpFamily:
         ``dispatches_ops`` leaves to it. Tensors that escaped a finished functorch transform (dead
         wrappers: plain Tensors whose data Triton cannot reach) are unwrapped, as Function.apply
         does."""
-        return self.applies[name](*[unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args], autocast)
+        if not APPLY_IS_C:
+            if torch._C._are_functorch_transforms_active():  # a direct call: Function.apply's error
+                return self.functions[name].apply(*args, autocast)
+            unwrap = torch._C._functorch.unwrap_if_dead
+            args = [unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return self.applies[name](*args, autocast)
 
     def head_backward(self, grad_logits, *args, weight_grad_dtype=None, grad_scale=None):
         """The head backward both routes' autograd runs: the operator where that backward is batched

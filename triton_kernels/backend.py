@@ -169,7 +169,8 @@ def _head_grads(grad_logits, hs, ts, weight, block_size, symmetric, input_grad, 
         if weight_grad:
             launch_weight_grad(weight_grad_operands(grad, hs, ts), dweight, bias_grad, dbias, n=hs.shape[0], **config)
         # Allocated after the weight grad's launch: a host-bound step waits for the host up to
-        # that launch, and the GPU then runs the weight grad for longer than the rest takes here.
+        # that launch, and the GPU then runs the weight grad for longer than the rest takes here;
+        # in fp32 they are not held beside the weight grad's K-major copies either.
         dhs, dts = _op_autograd.empty_input_grads(hs, ts, input_grad)
         if input_grad:
             launch_input_grad(grad, input_grad_operand(weight), hs, ts, dhs, dts, classes=weight.shape[0], **config)
