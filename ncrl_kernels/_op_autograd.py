@@ -208,6 +208,23 @@ def dispatches_ops(args):
             or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args))
 
 
+def op_under_transform(op, args):
+    """`op` on `args` inside a functorch transform. torch.func.grad, vjp, jacrev and jacfwd
+    differentiate through autograd.Functions with a setup_context only, which the autograd torch
+    registers for custom operators has none of (torch 2.11 to 2.14): its error names neither this
+    op nor a way out, so it is said here. vmap over inputs that need no gradient works."""
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        if "setup_context" not in str(error):
+            raise
+        raise RuntimeError(
+            "ncrl_kernels' fused ops cannot be differentiated by torch.func transforms (grad, vjp, jacrev, "
+            "jacfwd): the autograd torch registers for custom operators does not support them. Use "
+            "torch.autograd.grad (is_grads_batched=True for batched vector-Jacobian products), or "
+            "backend='reference'") from error
+
+
 class OpFamily:
     """One family's ops (head_forward, loss_forward, fused_forward and head_backward), called the
     cheapest correct way. Eager calls: autograd.Functions around the implementations. A custom
@@ -244,6 +261,8 @@ class OpFamily:
         if dispatches_ops(args):
             if autocast is not None:
                 args = (*autocast_head(*args[:3], autocast), *args[3:])
+            if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+                return op_under_transform(self.ops[name], args)
             return self.ops[name](*args)
         if autocast is not None and not self.rounds_inputs:
             args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])

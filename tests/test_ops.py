@@ -256,6 +256,24 @@ def test_double_backward_is_refused(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
+def test_func_transforms_are_refused_with_a_way_out(device, backend):
+    """torch.func.grad and jacrev cannot differentiate custom operators' registered autograd
+    (torch's own limit): the error says so and names torch.autograd.grad and the reference, for
+    the fused op, the head and the loss alone."""
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    calls = {
+        "fused": lambda w: ncrl_kernels.fused_ncrl(hs, ts, w, bias, labels, block_size=4, backend=backend),
+        "head": lambda w: ncrl_kernels.group_bilinear(hs, ts, w, bias, block_size=4, backend=backend).sum(),
+        "loss": lambda w: ncrl_kernels.ncrl_loss(ncrl_kernels.group_bilinear(hs, ts, w, bias, block_size=4),
+                                                 labels, backend=backend),
+    }
+    for name, call in calls.items():
+        for transform in (torch.func.grad, torch.func.jacrev):
+            with pytest.raises(RuntimeError, match="torch.func transforms.*torch.autograd.grad"):
+                transform(call)(weight)
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
 def test_batched_gradients_and_vmap(device, backend):
     """torch.autograd.grad(is_grads_batched=True) (what jacobian(vectorize=True) uses) and
     torch.vmap over the head give what a loop over the batch gives."""
