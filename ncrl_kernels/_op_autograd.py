@@ -209,20 +209,27 @@ def dispatches_ops(args):
 
 
 def op_under_transform(op, args):
-    """`op` on `args` inside a functorch transform. torch.func.grad, vjp, jacrev and jacfwd
-    differentiate through autograd.Functions with a setup_context only, which the autograd torch
-    registers for custom operators has none of (torch 2.11 to 2.14): its error names neither this
-    op nor a way out, so it is said here. vmap over inputs that need no gradient works."""
+    """`op` on `args` inside a functorch transform (vmap over inputs that need no gradient works).
+    Its derivatives cannot be taken there: torch.func.grad, vjp and jacrev differentiate through
+    autograd.Functions with a setup_context only, which the autograd torch registers for custom
+    operators has none of, and forward mode (jvp, jacfwd) gives the op zero derivatives, silently
+    (torch 2.11 to 2.14). Refused here with what to use instead, where torch's error names neither
+    this op nor a way out, or would not come at all."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(interpreter.key() == torch._C._functorch.TransformType.Jvp for interpreter in stack):
+        raise RuntimeError(TRANSFORMS_REFUSED + " (forward mode, jvp and jacfwd, would give it zero derivatives)")
     try:
         return op(*args)
     except RuntimeError as error:
         if "setup_context" not in str(error):
             raise
-        raise RuntimeError(
-            "ncrl_kernels' fused ops cannot be differentiated by torch.func transforms (grad, vjp, jacrev, "
-            "jacfwd): the autograd torch registers for custom operators does not support them. Use "
-            "torch.autograd.grad (is_grads_batched=True for batched vector-Jacobian products), or "
-            "backend='reference'") from error
+        raise RuntimeError(TRANSFORMS_REFUSED) from error
+
+
+TRANSFORMS_REFUSED = (
+    "ncrl_kernels' fused ops cannot be differentiated by torch.func transforms (grad, vjp, jacrev, jvp, jacfwd): "
+    "torch does not support them for custom operators. Use torch.autograd.grad (is_grads_batched=True for "
+    "batched vector-Jacobian products), or backend='reference'")
 
 
 class OpFamily:

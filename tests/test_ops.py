@@ -258,8 +258,9 @@ def test_double_backward_is_refused(device, backend):
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_func_transforms_are_refused_with_a_way_out(device, backend):
     """torch.func.grad and jacrev cannot differentiate custom operators' registered autograd
-    (torch's own limit): the error says so and names torch.autograd.grad and the reference, for
-    the fused op, the head and the loss alone."""
+    (torch's own limit), and jacfwd would give them zero derivatives, silently: each raises an
+    error that says so and names torch.autograd.grad and the reference, for the fused op, the head
+    and the loss alone."""
     hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
     calls = {
         "fused": lambda w: ncrl_kernels.fused_ncrl(hs, ts, w, bias, labels, block_size=4, backend=backend),
@@ -268,7 +269,7 @@ def test_func_transforms_are_refused_with_a_way_out(device, backend):
                                                  labels, backend=backend),
     }
     for name, call in calls.items():
-        for transform in (torch.func.grad, torch.func.jacrev):
+        for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
             with pytest.raises(RuntimeError, match="torch.func transforms.*torch.autograd.grad"):
                 transform(call)(weight)
 
