@@ -187,8 +187,14 @@ def autograd_functions(forwards, head_backward):
                     "backend='reference' for that")
             return *backward(ctx, *grads), None  # no gradient for the autocast dtype
 
+        # Called by autograd only for inputs with a forward-mode tangent: refused with the
+        # operator route's message (op_under_transform), rather than torch's about a missing jvp.
+        def no_forward_mode(ctx, *tangents):
+            raise RuntimeError(FORWARD_MODE_REFUSED)
+
         functions[name] = type(f"{name}_function", (torch.autograd.Function,),
-                               {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward)})
+                               {"forward": staticmethod(forward), "backward": staticmethod(first_order_backward),
+                                "jvp": staticmethod(no_forward_mode)})
 
     register_autograd(register, head_backward)
     return functions
@@ -208,28 +214,60 @@ def dispatches_ops(args):
             or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args))
 
 
+def has_tangents(args):
+    """Whether a tensor among `args` may carry a forward-mode tangent, which the op would drop: a
+    dual tensor of plain forward AD (torch.autograd.forward_ad, linearize), or of the innermost
+    functorch transform where that is a Jvp (jvp, jacfwd, hessian); a tensor wrapped at a Jvp
+    level below another transform (jvp over vmap) counts as one whatever it holds, as its tangent
+    cannot be read from here."""
+    functorch = torch._C._functorch
+    stack = functorch.get_interpreter_stack() or ()
+    jvp_levels = {i.level() for i in stack if i.key() == functorch.TransformType.Jvp}
+    if not jvp_levels and torch.autograd.forward_ad._current_level < 0:
+        return False
+    innermost = stack[-1].level() if stack else None
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            continue
+        level = functorch.maybe_get_level(a)
+        if level == -1 or (level == innermost and level in jvp_levels):  # plain, or the innermost Jvp's
+            if torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+                return True
+            continue
+        while level >= 0:
+            if level in jvp_levels:
+                return True
+            a = functorch.get_unwrapped(a)
+            level = functorch.maybe_get_level(a) if isinstance(a, torch.Tensor) else -1
+    return False
+
+
 def op_under_transform(op, args):
-    """`op` on `args` inside a functorch transform (vmap over inputs that need no gradient works).
-    Its derivatives cannot be taken there: torch.func.grad, vjp and jacrev differentiate through
-    autograd.Functions with a setup_context only, which the autograd torch registers for custom
-    operators has none of, and forward mode (jvp, jacfwd) gives the op zero derivatives, silently
-    (torch 2.11 to 2.14). Refused here with what to use instead, where torch's error names neither
-    this op nor a way out, or would not come at all."""
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    if any(interpreter.key() == torch._C._functorch.TransformType.Jvp for interpreter in stack):
-        raise RuntimeError(TRANSFORMS_REFUSED + " (forward mode, jvp and jacfwd, would give it zero derivatives)")
+    """`op` on `args` inside a functorch transform or under forward AD, on the operator route.
+    Derivatives cannot be taken there (torch 2.11 to 2.14): forward mode gives the op zero
+    derivatives, silently, so a tangent among its arguments is refused; and torch.func.grad, vjp
+    and jacrev differentiate through autograd.Functions with a setup_context only, which the
+    autograd torch registers for custom operators has none of, so their error, which names neither
+    this op nor a way out, is replaced. vmap, and transforms whose variables do not reach the op,
+    run it."""
+    if has_tangents(args):
+        raise RuntimeError(FORWARD_MODE_REFUSED)
     try:
         return op(*args)
-    except RuntimeError as error:
-        if "setup_context" not in str(error):
+    except (RuntimeError, SystemError) as error:  # 2.14 can raise that error as a SystemError's cause
+        if "setup_context" not in str(error) + str(error.__cause__):
             raise
-        raise RuntimeError(TRANSFORMS_REFUSED) from error
+        raise RuntimeError(FUNC_GRAD_REFUSED) from error
 
 
-TRANSFORMS_REFUSED = (
-    "ncrl_kernels' fused ops cannot be differentiated by torch.func transforms (grad, vjp, jacrev, jvp, jacfwd): "
-    "torch does not support them for custom operators. Use torch.autograd.grad (is_grads_batched=True for "
+FORWARD_MODE_REFUSED = (
+    "ncrl_kernels' fused ops have no forward-mode derivatives (torch.func.jvp, jacfwd, hessian, linearize, "
+    "torch.autograd.forward_ad): use reverse mode (backward(), torch.autograd.grad, is_grads_batched=True for "
     "batched vector-Jacobian products), or backend='reference'")
+FUNC_GRAD_REFUSED = (
+    "ncrl_kernels' fused ops cannot be differentiated by torch.func.grad, vjp or jacrev: torch does not support "
+    "them for custom operators. Use torch.autograd.grad (is_grads_batched=True for batched vector-Jacobian "
+    "products), or backend='reference'")
 
 
 class OpFamily:
@@ -268,7 +306,8 @@ class OpFamily:
         if dispatches_ops(args):
             if autocast is not None:
                 args = (*autocast_head(*args[:3], autocast), *args[3:])
-            if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                      or torch.autograd.forward_ad._current_level >= 0):
                 return op_under_transform(self.ops[name], args)
             return self.ops[name](*args)
         if autocast is not None and not self.rounds_inputs:

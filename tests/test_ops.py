@@ -258,9 +258,10 @@ def test_double_backward_is_refused(device, backend):
 @pytest.mark.parametrize("device,backend", fused_backends())
 def test_func_transforms_are_refused_with_a_way_out(device, backend):
     """torch.func.grad and jacrev cannot differentiate custom operators' registered autograd
-    (torch's own limit), and jacfwd would give them zero derivatives, silently: each raises an
-    error that says so and names torch.autograd.grad and the reference, for the fused op, the head
-    and the loss alone."""
+    (torch's own limit), and forward mode (jvp, jacfwd, linearize, forward_ad, nested in vmap too)
+    would give them zero derivatives, silently: each raises an error that says so and names
+    torch.autograd.grad and the reference, for the fused op, the head and the loss alone. A
+    forward-mode transform whose variable does not reach the op still runs it."""
     hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
     calls = {
         "fused": lambda w: ncrl_kernels.fused_ncrl(hs, ts, w, bias, labels, block_size=4, backend=backend),
@@ -268,10 +269,31 @@ def test_func_transforms_are_refused_with_a_way_out(device, backend):
         "loss": lambda w: ncrl_kernels.ncrl_loss(ncrl_kernels.group_bilinear(hs, ts, w, bias, block_size=4),
                                                  labels, backend=backend),
     }
+    func = torch.func
+    transforms = {
+        "grad": lambda f: func.grad(f)(weight),
+        "jacrev": lambda f: func.jacrev(f)(weight),
+        "jacfwd": lambda f: func.jacfwd(f)(weight),
+        "vmap(jvp)": lambda f: func.vmap(lambda t: func.jvp(f, (weight,), (t,))[1])(torch.stack([weight, -weight])),
+        "jvp(vmap)": lambda f: func.jvp(func.vmap(f), (torch.stack([weight, -weight]),),
+                                        (torch.ones(2, *weight.shape, device=device),)),
+        "linearize": lambda f: func.linearize(f, weight)[1](weight),
+    }
     for name, call in calls.items():
-        for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
-            with pytest.raises(RuntimeError, match="torch.func transforms.*torch.autograd.grad"):
-                transform(call)(weight)
+        for transform, run in transforms.items():
+            with pytest.raises(RuntimeError, match="torch.autograd.grad.*backend='reference'"):
+                run(call)
+        with torch.autograd.forward_ad.dual_level():  # the eager route, then the operator route
+            dual = torch.autograd.forward_ad.make_dual(weight, torch.ones_like(weight))
+            for mode in (contextlib.nullcontext(), PassThroughMode()):
+                with mode, pytest.raises(RuntimeError, match="no forward-mode derivatives"):
+                    call(dual)
+    # The variable x does not reach the op: its value is a constant there, and jvp's answer right.
+    x = torch.tensor(1.5, device=device)
+    for name, call in calls.items():
+        value = call(weight)
+        _, tangent = func.jvp(lambda x: call(weight) * x ** 2, (x,), (torch.ones_like(x),))
+        assert_close(tangent, 2 * x * value, torch.float32, f"{name} jvp of a constant")
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
