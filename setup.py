@@ -90,16 +90,29 @@ def compiles_openmp():
             return False
 
 
+def takes_msvc_options(compiler):
+    """Whether the C++ compiler takes MSVC's options (cl, clang-cl: Windows) rather than GCC's."""
+    name = re.split(r"[\\/]", compiler.strip().strip('"'))[-1]
+    return os.path.splitext(name)[0].lower() in ("cl", "clang-cl")
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile time only: at::parallel_for is an OpenMP pragma in ATen's headers, and its
     # runtime symbols resolve to the libgomp that torch itself loads (linking a second one would
     # give two thread pools). A compiler without OpenMP builds them too: parallel_for then runs
     # the CPU kernels on one thread. No -std: torch adds the C++ standard its headers need.
-    openmp = compiles_openmp()
-    cxx = ["-O3", "-fopenmp"] if openmp else ["-O3"]
-    threads = "" if openmp else (f"; without OpenMP, which the C++ compiler {get_cxx_compiler()} does not build, "
-                                 "so the CPU kernels run on one thread")
+    # MSVC takes neither -O3 nor -fopenmp (it warns and ignores them) and torch adds no
+    # optimisation flag of its own there, so it gets /O2, and no OpenMP: which runtime torch's
+    # Windows wheels load is not checked here (the Windows build is untested).
+    compiler = get_cxx_compiler()
+    if takes_msvc_options(compiler):
+        cxx, threads = ["/O2"], f"; without OpenMP ({compiler}), so the CPU kernels run on one thread"
+    else:
+        openmp = compiles_openmp()
+        cxx = ["-O3", "-fopenmp"] if openmp else ["-O3"]
+        threads = "" if openmp else (f"; without OpenMP, which the C++ compiler {compiler} does not build, "
+                                     "so the CPU kernels run on one thread")
     reason = cuda_build_reason()
     if reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
