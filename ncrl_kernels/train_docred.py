@@ -198,6 +198,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.data_flags = [f"--{name}" for name in DATA_FLAGS if getattr(args, name) is not None]
     args.synthetic = not args.data_flags
+    if args.synthetic and args.model_name_or_path is not None:
+        # Most likely a run script that lost its data flags: it would fine-tune that encoder on the
+        # synthetic corpus at the demo's learning rates (1e-3), saying so only in one log line.
+        flags = ", ".join("--" + flag for flag in DATA_FLAGS)
+        parser.error(f"--model_name_or_path {args.model_name_or_path} without a data flag ({flags}) would run the "
+                     "offline demo on a synthetic corpus; give --data_dir (and --train_file, --dev_file...) to "
+                     "train on DocRED, or leave out --model_name_or_path for the demo")
     layers = ([SYNTHETIC_DEFAULTS] if args.synthetic else []) + [
         PRESETS[args.preset]["model"], PRESETS[args.preset]["training"], ATLOP_DEFAULTS]
     for name in {key for layer in layers for key in layer}:

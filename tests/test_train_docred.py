@@ -281,6 +281,10 @@ def test_flags_take_atlops_defaults_and_the_presets(capsys):
     demo = train_docred.parse_args([])
     assert demo.synthetic and demo.model_name_or_path is None
     assert (demo.learning_rate, demo.classifier_lr, demo.num_train_epochs, demo.loss) == (1e-3, 1e-3, 10, "atl")
+    # A pretrained encoder without a data flag is a run script that lost its data, not a demo.
+    with pytest.raises(SystemExit):
+        train_docred.parse_args(["--model_name_or_path", "bert-base-cased"])
+    assert "without a data flag" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         train_docred.parse_args(["--num_train_epochs", "2.5"])
