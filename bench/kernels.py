@@ -26,7 +26,7 @@ import roofline  # noqa: E402
 
 import ncrl_kernels  # noqa: E402
 from ncrl_kernels.triton_kernels import head_backward, head_forward, loss_rows  # noqa: E402
-from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles, padded  # noqa: E402
+from ncrl_kernels.triton_kernels._common import LOSS_CODES, TRITON_INTERPRET, Tiles, candidate_tiles  # noqa: E402
 from ncrl_kernels.triton_kernels._launch import direct_launches  # noqa: E402
 
 # Benchmark dtypes: the head's dtype (the weight's, the dots' operands'), the fp32 matmul precision
@@ -136,7 +136,7 @@ def kernel_rows(args, device, kind, symmetric, emit):
         return
     logits = torch.empty(n, classes, device=device, dtype=dtype)
     # As the fused op writes it: the backward's padded grad operand (for the mean loss).
-    dlogits = torch.empty(n, padded(classes), device=device, dtype=head_backward.grad_operand_dtype(dtype, "mean"))
+    dlogits = head_backward.empty_grad_operand(x.hs, classes, dtype, "mean")
     row_loss = torch.empty(n, device=device)
     measure("epilogue", Tiles(loss_rows.EPILOGUE_ROWS, 1, 4, 1),
             lambda: loss_rows.launch_epilogue(partial, None, logits, labels=x.labels, dlogits=dlogits,

@@ -38,9 +38,9 @@ from .. import _op_autograd
 from .._dispatch import TRITON_INTERPRET
 from ..reference import head_dtype, loss_dtype, reduce_pairs
 from . import head_backward as backward_kernels, head_forward as forward_kernels, loss_rows as loss_kernels
-from ._common import LOSS_CODES, padded, precision_for
+from ._common import LOSS_CODES, precision_for
 from ._launch import direct_launches
-from .head_backward import (grad_operand_dtype, input_grad_operand, launch_input_grad, launch_weight_grad,
+from .head_backward import (empty_grad_operand, input_grad_operand, launch_input_grad, launch_weight_grad,
                             padded_grad, weight_grad_operands)
 from .head_forward import launch_head_forward
 from .loss_rows import launch_epilogue, per_pair_reduction
@@ -206,7 +206,7 @@ def _fused_forward(hs: Tensor, ts: Tensor, weight: Tensor, bias: Optional[Tensor
     hs, ts, weight = hs.contiguous(), ts.contiguous(), weight.contiguous()
     n, classes = hs.shape[0], weight.shape[0]
     logits = hs.new_empty((n, classes), dtype=weight.dtype)
-    dlogits = hs.new_empty((n, padded(classes)), dtype=grad_operand_dtype(weight.dtype, reduction))
+    dlogits = empty_grad_operand(hs, classes, weight.dtype, reduction)
     row_loss = hs.new_empty((n,), dtype=loss_dtype(weight.dtype))
     with _on_device(hs):
         partial = launch_head_forward(hs, ts, weight, block_size=block_size, symmetric=symmetric, precision=precision)
@@ -221,8 +221,7 @@ def _fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, los
     """The fake kernel of _fused_forward (on the interpreter's opaque operator)."""
     value, logits, _ = _op_autograd.fake_fused_forward(hs, ts, weight, bias, labels, block_size, symmetric, loss,
                                                        gamma, margin_reg, reduction)
-    return value, logits, hs.new_empty((hs.shape[0], padded(weight.shape[0])),
-                                       dtype=grad_operand_dtype(weight.dtype, reduction))
+    return value, logits, empty_grad_operand(hs, weight.shape[0], weight.dtype, reduction)
 
 
 fused_forward = _define("fused_forward", _fused_forward, _fake_fused_forward)

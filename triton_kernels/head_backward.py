@@ -279,6 +279,13 @@ def grad_operand_dtype(dtype, reduction):
     return dtype if reduction != "none" and dtype != torch.float16 else loss_dtype(dtype)
 
 
+def empty_grad_operand(like, classes, dtype, reduction):
+    """Unfilled d loss / d logits as a fused forward with a head in `dtype` writes it for the
+    backward (also its fake kernel's): ``[N, BLOCK_C]`` for N = `like`'s rows, on its device, in
+    grad_operand_dtype."""
+    return like.new_empty((like.shape[0], padded(classes)), dtype=grad_operand_dtype(dtype, reduction))
+
+
 class WeightGradOperands(NamedTuple):
     """grad, hs and ts as weight_grad_kernel reads them (weight_grad_operands)."""
     grad: torch.Tensor
