@@ -237,6 +237,23 @@ def test_fake_tensor_mode(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
+def test_tensor_subclass_arguments_take_the_operators(device, backend):
+    """Fake tensors used outside their FakeTensorMode (no mode on the dispatch stack: a tensor
+    subclass among the arguments is all that tells) take the operators and their fake kernels,
+    forward and backward, as any subclass that dispatches ops does; the eager route would hand
+    them to the kernels."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        hs, ts, weight, bias, labels = make_head_inputs(6, 16, 4, 3, device=device)
+        hs, ts, weight, bias = leaves(hs, ts, weight, bias)
+    loss = ncrl_kernels.fused_ncrl(hs, ts, weight, bias, labels, block_size=4, backend=backend)
+    loss.backward()
+    assert isinstance(loss, FakeTensor) and loss.shape == ()
+    assert isinstance(weight.grad, FakeTensor) and weight.grad.shape == weight.shape
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
 def test_double_backward_is_refused(device, backend):
     """The fused ops have first derivatives only: differentiating their backward again (here a
     gradient penalty) raises and says so, for the head, the fused op and the loss alone, rather

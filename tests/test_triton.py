@@ -331,6 +331,29 @@ def test_lean_launch_can_be_turned_off():
     assert routes == ["LeanLaunch", "JITFunction", "JITFunction"]
 
 
+@needs_triton
+def test_direct_launches_switches_wrap_triton_as_torch_does():
+    """direct_launches sets the switch that torch's is_wrap_triton_enabled reads (it writes torch's
+    thread-local itself, cheaper than torch's set_wrap_triton_enabled), and restores what was
+    there when it ends, by an exception too, and when nested."""
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+
+    from ncrl_kernels.triton_kernels._launch import direct_launches
+
+    before = is_wrap_triton_enabled()
+    with pytest.raises(KeyError), direct_launches():
+        assert not is_wrap_triton_enabled()
+        raise KeyError
+    assert is_wrap_triton_enabled() == before
+    with set_wrap_triton_enabled(True):
+        with direct_launches():
+            with direct_launches():
+                assert not is_wrap_triton_enabled()
+            assert not is_wrap_triton_enabled()
+        assert is_wrap_triton_enabled()
+    assert is_wrap_triton_enabled() == before
+
+
 # CUDA only.
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")

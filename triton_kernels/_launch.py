@@ -20,7 +20,8 @@ import functools
 import itertools
 import os
 
-from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled  # private, torch >= 2.6
+# private, torch >= 2.6: wrap_triton_enabled is the threading.local behind is_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, wrap_triton_enabled
 from torch.library import wrap_triton
 from triton import knobs
 from triton.runtime.driver import driver
@@ -40,14 +41,26 @@ LEAN = (native_specialize_impl is not None
         and os.environ.get("NCRL_KERNELS_LEAN_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off"))
 
 
-def direct_launches():
+class direct_launches:
     """A context in which ``launcher(kernel)[grid](...)`` launches the kernel straight through
     Triton, as a ``triton_op``'s own eager kernel does. Outside one, every launch goes through
     wrap_triton's higher-order op, there for tracing: about 150 us of Python per launch on this
     project's 2-core CPU (a step's four launches of compiled kernels whose run does nothing: 787 us
     against 193 us direct, docs/triton.md), about 0.2 ms on the H200 machine's host
-    (bench/kernels.py, first GPU run)."""
-    return set_wrap_triton_enabled(False)
+    (bench/kernels.py, first GPU run).
+
+    It switches wrap_triton off as torch's ``set_wrap_triton_enabled(False)`` does, without a
+    generator-based context manager: the eager route enters one twice before the weight grad's
+    launch, which a host-bound step waits for (0.5 against 2 us each on this project's CPU)."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self):
+        self.previous = is_wrap_triton_enabled()
+        wrap_triton_enabled.value = False
+
+    def __exit__(self, *exc_info):
+        wrap_triton_enabled.value = self.previous
 
 
 def launcher(kernel):
