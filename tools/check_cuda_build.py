@@ -2,8 +2,10 @@
 
 Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .venv-cuda). It
 
-1. builds a wheel of this project with pip, with nvcc from CUDA_HOME (default /usr/local/cuda) and
-   the CUDA headers of torch's nvidia wheels (nvidia/cu<major>/include) on CPATH;
+1. builds a wheel of this project with pip, with nvcc from CUDA_HOME (default /usr/local/cuda);
+   where that toolkit lacks headers that torch's CUDA headers include (cuSPARSE's, cuBLAS's...: a
+   partial toolkit, as on this project's machines), setup.py takes them from torch's NVIDIA wheels
+   (nvidia/cu<major>/include), as it would for a user;
 2. checks that the build log says it built the CUDA kernels;
 3. installs the wheel into the venv and, in a fresh interpreter outside the source tree, checks that
    the extension loads and registered CPU and CUDA kernels for every operator;
@@ -12,8 +14,9 @@ Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .
 5. checks that the bf16/fp16 path is 16-bit end to end: the device code has the bf16 and fp16
    instantiations of the feature and gradient kernels, and the library calls ATen's `mm.dtype_out`
    (the GEMM of 16-bit operands with fp32 output; csrc/cuda calls it only with 16-bit operands);
-6. checks that setup.py builds the CPU kernels only, saying why, where the toolkit's CUDA major
-   version is not torch's (a pretend nvcc of another release), where torch's build would fail.
+6. checks that setup.py builds the CPU kernels only, saying why, where torch's build would fail:
+   where the toolkit's CUDA major version is not torch's (a pretend nvcc of another release), and,
+   where the toolkit lacks those headers, without the NVIDIA wheels' ones (hidden).
 
 Nothing runs on a GPU. The full build log is <venv>/ncrl-cuda-build.log; the build objects stay in
 build/ so a second run only recompiles what changed. Exits non-zero saying what failed.
@@ -37,29 +40,12 @@ def fail(message):
     sys.exit(f"check-cuda-build: FAILED: {message}")
 
 
-def nvidia_include(cuda_major):
-    """nvidia/cu<major>/include of torch's CUDA wheels in this venv (cuBLAS, cuSPARSE... headers
-    that a minimal toolkit lacks), or None."""
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for base in nvidia.__path__:
-        path = os.path.join(base, f"cu{cuda_major}", "include")
-        if os.path.isdir(path):
-            return path
-    return None
-
-
 def build_env(torch_cuda):
     env = dict(os.environ)
     cuda_home = env.setdefault("CUDA_HOME", "/usr/local/cuda")
     if not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         fail(f"no nvcc in CUDA_HOME={cuda_home}; set CUDA_HOME to a CUDA {torch_cuda} toolkit")
     env["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + env.get("PATH", "")
-    include = nvidia_include(torch_cuda.split(".")[0])
-    if include is not None:
-        env["CPATH"] = include + (os.pathsep + env["CPATH"] if env.get("CPATH") else "")
     env.setdefault("MAX_JOBS", "2")
     env.pop("NCRL_KERNELS_CPU_ONLY", None)
     return env
@@ -70,7 +56,7 @@ def build_wheel(env):
     shutil.rmtree(dist, ignore_errors=True)
     log_path = os.path.join(VENV, "ncrl-cuda-build.log")
     cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", dist, ROOT]
-    print(f"check-cuda-build: building (CPATH={env.get('CPATH', '')}, MAX_JOBS={env['MAX_JOBS']}); log: {log_path}",
+    print(f"check-cuda-build: building (CUDA_HOME={env['CUDA_HOME']}, MAX_JOBS={env['MAX_JOBS']}); log: {log_path}",
           flush=True)
     with open(log_path, "w") as log:
         result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -194,6 +180,13 @@ def check_sixteen_bit_path(library, symbols):
     return sorted(SIXTEEN_BIT_KERNELS) + ["at::mm(out_dtype=float32)"]
 
 
+def setup_announces(env):
+    """The line setup.py announces ("ncrl_kernels: building ...") in environment `env`."""
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
+    announced = re.findall(r"ncrl_kernels: building .*", result.stdout)
+    return announced[0] if result.returncode == 0 and announced else result.stdout[-2000:] + result.stderr[-2000:]
+
+
 def check_toolkit_mismatch(torch_cuda):
     """What setup.py announces with a CUDA_HOME whose nvcc reports another major release than
     torch's CUDA: it must build the CPU kernels only (torch's build refuses such a toolkit)."""
@@ -205,13 +198,32 @@ def check_toolkit_mismatch(torch_cuda):
             f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}, V{other}.89'\n")
         os.chmod(nvcc, 0o755)
         env = {k: v for k, v in os.environ.items() if k != "NCRL_KERNELS_CPU_ONLY"}
-        result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
-                                env=dict(env, CUDA_HOME=toolkit))
-    announced = re.findall(r"ncrl_kernels: building .*", result.stdout)
-    if result.returncode != 0 or not announced or "CPU-only" not in announced[0] or other not in announced[0]:
+        line = setup_announces(dict(env, CUDA_HOME=toolkit))
+    if "CPU-only" not in line or other not in line:
         fail(f"with a CUDA {other} toolkit and torch's CUDA {torch_cuda}, setup.py should build the CPU kernels "
-             f"only and say why; it said {announced or result.stdout[-2000:] + result.stderr[-2000:]}")
-    return announced[0]
+             f"only and say why; it said {line}")
+    return line
+
+
+def check_partial_toolkit(env):
+    """What setup.py announces for the toolkit of `env` with torch's NVIDIA wheels hidden (a
+    regular package `nvidia` without headers first on PYTHONPATH) and CPATH unset: CPU kernels
+    only, naming the missing header, where the toolkit itself lacks one (as on this project's
+    machines); CUDA kernels where it is complete."""
+    with tempfile.TemporaryDirectory() as hidden:
+        os.makedirs(os.path.join(hidden, "nvidia"))
+        open(os.path.join(hidden, "nvidia", "__init__.py"), "w").close()
+        bare = {k: v for k, v in env.items() if k not in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH")}
+        line = setup_announces(dict(bare, PYTHONPATH=hidden))
+    with_wheels = setup_announces(env)
+    if "headers also from" not in with_wheels:
+        if "CPU + CUDA" not in line:
+            fail(f"with a complete toolkit at {env['CUDA_HOME']}, setup.py should build the CUDA kernels; it said {line}")
+        return f"{line} (the toolkit has every header itself)"
+    if "CPU-only" not in line or "the headers torch's CUDA headers include" not in line:
+        fail(f"with the toolkit at {env['CUDA_HOME']}, which lacks headers torch's CUDA headers include, and no "
+             f"NVIDIA wheel, setup.py should build the CPU kernels only and say why; it said {line}")
+    return line
 
 
 def main():
@@ -225,6 +237,7 @@ def main():
     code, kernels, symbols = check_device_code(seen["library"], env)
     sixteen_bit = check_sixteen_bit_path(seen["library"], symbols)
     print(f"check-cuda-build: with another CUDA major version: {check_toolkit_mismatch(torch.version.cuda)}")
+    print(f"check-cuda-build: without the NVIDIA wheels' headers: {check_partial_toolkit(env)}")
     print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
           f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
           f"kernels: {', '.join(kernels)}; 16-bit path: {', '.join(sixteen_bit)}. "
