@@ -36,19 +36,8 @@ except ImportError as exc:
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def cuda_build():
-    """(None, include directories to add) when the CUDA kernels can be built here, else (why not,
-    printed in the build log, [])."""
-    reason = cuda_build_reason()
-    if reason is not None:
-        return reason, []
-    cuda_major = torch.version.cuda.split(".")[0]
-    reason, include_dirs = cuda_headers_gap(os.path.join(CUDA_HOME, "bin", "nvcc"), cuda_major)
-    return (reason, []) if reason is not None else (cudart_gap(cuda_major), include_dirs)
-
-
 def cuda_build_reason():
-    """None when torch, the toolkit's nvcc and the sources allow a CUDA build, else why not."""
+    """None when the CUDA kernels can be built here, else why not (printed in the build log)."""
     if os.environ.get("NCRL_KERNELS_CPU_ONLY", "0") == "1":
         return "NCRL_KERNELS_CPU_ONLY=1"
     if torch.version.cuda is None:
@@ -56,7 +45,7 @@ def cuda_build_reason():
     if CUDA_HOME is None:
         return "no CUDA toolkit found (set CUDA_HOME)"
     # torch falls back to /usr/local/cuda whenever it exists, which runtime images ship without nvcc.
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc.exe" if os.name == "nt" else "nvcc")
     if not os.path.exists(nvcc):
         return f"no nvcc in the CUDA toolkit at {CUDA_HOME} (set CUDA_HOME to a full toolkit)"
     # torch's build stops with an error on a toolkit of another major version than its own: build
@@ -72,15 +61,21 @@ def cuda_build_reason():
 
 
 # Headers that torch's own CUDA headers include (ATen/cuda/CUDAContextLight.h), so every CUDA
-# extension needs them: a partial toolkit (nvcc and the runtime alone, as conda's cuda-nvcc or a
-# slim image gives) lacks the libraries' ones, and the build would stop at "cusparse.h: No such file".
+# extension needs them. A partial toolkit (nvcc and the runtime alone: conda's cuda-nvcc, slim
+# images, this project's machines) lacks the libraries' ones, and the build stops at
+# "cusparse.h: No such file or directory".
 TORCH_CUDA_HEADERS = ("cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
 
 
+def env_dirs(*names):
+    """The directories listed in the environment variables `names` (os.pathsep-separated)."""
+    return [d for name in names for d in os.environ.get(name, "").split(os.pathsep) if d]
+
+
 def nvidia_wheel_includes(cuda_major):
-    """The include directories of the NVIDIA wheels a CUDA torch from pip depends on, which hold
-    cuBLAS's, cuSPARSE's... headers of torch's CUDA release: nvidia/cu<major>/include (CUDA 13 and
-    later), nvidia/<library>/include (CUDA 12)."""
+    """The include directories of the NVIDIA wheels that a CUDA torch from pip depends on, which
+    hold cuBLAS's, cuSPARSE's... headers of torch's own CUDA release: nvidia/cu<major>/include
+    (CUDA 13 and later), nvidia/<library>/include (CUDA 12)."""
     try:
         import nvidia
     except ImportError:
@@ -94,55 +89,16 @@ def nvidia_wheel_includes(cuda_major):
     return sorted(d for d in set(found) if os.path.isdir(d))
 
 
-def probe(command, source_name, source):
-    """Whether `command` (a list in which "{src}" and "{out}" stand for a file holding `source` and
-    an output path) succeeds, and its first error line (else its last line of output)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, source_name)
-        with open(path, "w") as f:
-            f.write(source)
-        command = [arg.format(src=path, out=os.path.join(tmp, "out")) for arg in command]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return False, str(exc)
-    lines = [line.strip().replace(path, source_name) for line in (result.stderr + result.stdout).splitlines()
-             if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() or "cannot find" in line]
-    return result.returncode == 0, errors[0] if errors else lines[-1] if lines else ""
-
-
-def cuda_headers_gap(nvcc, cuda_major):
-    """(None, include directories to add) where nvcc finds TORCH_CUDA_HEADERS, itself or with the
-    include directories of torch's NVIDIA wheels (nvidia_wheel_includes; `make check-cuda-build`
-    builds so on this project's machines), else (why not, [])."""
-    source = "".join(f"#include <{header}>\n" for header in TORCH_CUDA_HEADERS)
-    preprocess = [nvcc, "-E", "-x", "cu", "{src}", "-o", "{out}"]
-    ok, error = probe(preprocess, "headers.cu", source)
-    if ok:
-        return None, []
-    wheels = nvidia_wheel_includes(cuda_major)
-    if wheels and probe([*preprocess, *[f"-I{d}" for d in wheels]], "headers.cu", source)[0]:
-        return None, wheels
-    return (f"nvcc cannot preprocess the headers torch's CUDA headers include ({error}); where the toolkit at "
-            f"{CUDA_HOME} lacks them (a partial toolkit) and no NVIDIA wheel here has them, install the full CUDA "
-            f"{cuda_major} toolkit or put a directory holding them on CPATH"), []
-
-
-def cudart_gap(cuda_major):
-    """Why the C++ compiler cannot link the CUDA runtime from the library directory torch's build
-    links it from (or LIBRARY_PATH, or the linker's own), or None. Not checked for MSVC."""
-    compiler = get_cxx_compiler()
-    if takes_msvc_options(compiler):
-        return None
-    from torch.utils.cpp_extension import library_paths
-    dirs = library_paths(device_type="cuda")
-    ok, error = probe([*shlex.split(compiler), "-shared", "-fPIC", "{src}", "-o", "{out}",
-                       *[f"-L{d}" for d in dirs], "-lcudart"], "empty.cpp", "int ncrl_probe() { return 0; }\n")
-    if ok:
-        return None
-    return (f"the CUDA runtime library does not link from {os.pathsep.join(dirs)} ({error}): the toolkit at "
-            f"{CUDA_HOME} has none there; set CUDA_HOME to a full CUDA {cuda_major} toolkit")
+def headers_from_wheels(cuda_major):
+    """The NVIDIA wheels' include directories holding headers of TORCH_CUDA_HEADERS that are in
+    none of the places the build looks first (the toolkit's include directories, CUDA_INC_PATH,
+    CPATH and the like); [] where none is missing. The build appends them to CPATH, which the
+    compilers search after every -I directory (torch's, the toolkit's), so they only fill gaps:
+    where a header is in the toolkit, the toolkit's is used."""
+    searched = [os.path.join(CUDA_HOME, "include"), *glob.glob(os.path.join(CUDA_HOME, "targets", "*", "include")),
+                *env_dirs("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH")]
+    missing = [h for h in TORCH_CUDA_HEADERS if not any(os.path.isfile(os.path.join(d, h)) for d in searched)]
+    return [d for d in nvidia_wheel_includes(cuda_major) if any(os.path.isfile(os.path.join(d, h)) for h in missing)]
 
 
 def nvcc_release(nvcc):
@@ -164,8 +120,15 @@ def announce(what):
 def compiles_openmp():
     """Whether the C++ compiler builds OpenMP code (-fopenmp and <omp.h>): GCC does, LLVM's clang
     with libomp installed does, Apple's clang does not."""
-    return probe([*shlex.split(get_cxx_compiler()), "-fopenmp", "-c", "{src}", "-o", "{out}"], "omp.cpp",
-                 "#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "omp.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")
+        command = [*shlex.split(get_cxx_compiler()), "-fopenmp", "-c", source, "-o", os.path.join(tmp, "omp.o")]
+        try:
+            return subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 def takes_msvc_options(compiler):
@@ -191,10 +154,13 @@ def extension():
         cxx = ["-O3", "-fopenmp"] if openmp else ["-O3"]
         threads = "" if openmp else (f"; without OpenMP, which the C++ compiler {compiler} does not build, "
                                      "so the CPU kernels run on one thread")
-    reason, include_dirs = cuda_build()
+    reason = cuda_build_reason()
     if reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        headers = f", headers also from {os.pathsep.join(include_dirs)}" if include_dirs else ""
+        wheel_includes = headers_from_wheels(torch.version.cuda.split(".")[0])
+        if wheel_includes:
+            os.environ["CPATH"] = os.pathsep.join([*env_dirs("CPATH"), *wheel_includes])
+        headers = f", headers it lacks from {os.pathsep.join(wheel_includes)}" if wheel_includes else ""
         announce(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, "
                  f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, toolkit {CUDA_HOME}{headers}{threads})")
         # No --use_fast_math: the loss rows need accurate exp/log1p, and the time goes to cuBLAS.
@@ -202,7 +168,6 @@ def extension():
         return CUDAExtension(
             "ncrl_kernels._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
     announce(f"building CPU-only kernels ({reason}{threads})")
