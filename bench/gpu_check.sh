@@ -234,6 +234,7 @@ from_source run_for $(( $(left) - 365 )) 35 "$LOGS/bench-fp32-tf32.log" env TORC
 note "decisive TF32 N=4096: status $? -> bench/results/tf32/$GPU.csv"
 from_source run_for $(( $(left) - 340 )) 12 "$LOGS/step-profile.log" "$PY" bench/step_profile.py --n 4096 \
     --dtype bf16 --provider fused-triton
+note "step profile, bf16 N=4096: $(grep -h '^model:' "$LOGS/step-profile.log" 2>/dev/null | tail -1)"
 
 phase "Triton GPU tests: tests/test_triton.py -m gpu"
 # Every candidate config last: about 20 kernel variants to compile, the least decisive.

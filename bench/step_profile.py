@@ -94,6 +94,15 @@ def main(argv=None):
         to_launch, whole = host_to_weight_grad_launch(once, args.steps, device)
         print(f"host to the weight grad's launch {to_launch:.3f} ms of {whole:.3f} ms host per step (each step "
               "started with the GPU idle)")
+        # The model behind docs/triton.md's predictions: a host-bound step ends when the gradient
+        # kernels, launched back to back from that point, are done.
+        gradients = [e for e in events if "weight_grad_kernel" in e.key or "input_grad_kernel" in e.key]
+        gradients_ms = sum(e.device_time_total for e in gradients) / args.steps / 1e3
+        if len(gradients) == 2:
+            print(f"model: {to_launch:.3f} + {gradients_ms:.3f} ms of gradient kernels = "
+                  f"{to_launch + gradients_ms:.3f} ms per step, against {queued_ms:.3f} ms measured back to back")
+        else:
+            print(f"model: the profile has {len(gradients)} events named like the two gradient kernels, not 2")
 
 
 if __name__ == "__main__":
