@@ -265,6 +265,33 @@ def op_under_transform(op, args):
         raise RuntimeError(FUNC_GRAD_REFUSED) from error
 
 
+def refuse_transforms_while_compiling(args):
+    """What ``op_under_transform`` refuses in forward mode, under torch.compile, which traces the
+    transforms: Dynamo runs their nesting as it traces, so the op meets the real interpreter stack,
+    but it cannot trace has_tangents' walk down the wrappers, and the op would then run without a
+    word, its derivatives zeros. Where forward AD is on (functorch's jvp turns it on too), the
+    innermost level's tangents are read as Dynamo traces (jvp, jacfwd); a dual graph input's
+    tangent is not in the trace, nor is a tangent under another transform (hessian, jvp over
+    vmap), so there the graph breaks to ``has_tangents`` on the real tensors. Without forward AD
+    (plain compile, vmap, grad) nothing is added to the graph."""
+    forward_ad = torch.autograd.forward_ad
+    if forward_ad._current_level < 0:
+        return
+    transforms = torch._C._are_functorch_transforms_active()
+    if not transforms or (torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
+                          == torch._C._functorch.TransformType.Jvp):
+        if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+            raise RuntimeError(FORWARD_MODE_REFUSED)
+        if transforms:
+            return
+    if has_tangents_outside_the_graph(args):
+        raise RuntimeError(FORWARD_MODE_REFUSED)
+
+
+# A graph break: has_tangents on the real tensors, dual or functorch-wrapped, as Dynamo's fakes do not show them.
+has_tangents_outside_the_graph = torch.compiler.disable(has_tangents)
+
+
 FORWARD_MODE_REFUSED = (
     "ncrl_kernels' fused ops have no forward-mode derivatives (torch.func.jvp, jacfwd, hessian, linearize, "
     "torch.autograd.forward_ad): use reverse mode (backward(), torch.autograd.grad, is_grads_batched=True for "
@@ -311,8 +338,9 @@ class OpFamily:
         if dispatches_ops(args):
             if autocast is not None:
                 args = (*autocast_head(*args[:3], autocast), *args[3:])
-            if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                                      or torch.autograd.forward_ad._current_level >= 0):
+            if torch.compiler.is_compiling():
+                refuse_transforms_while_compiling(args)
+            elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
                 return op_under_transform(self.ops[name], args)
             return self.ops[name](*args)
         if autocast is not None and not self.rounds_inputs:

@@ -314,6 +314,51 @@ def test_func_transforms_are_refused_with_a_way_out(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", fused_backends())
+def test_forward_mode_under_torch_compile_is_refused(device, backend):
+    """Under torch.compile, forward mode reaching the op is refused as in eager calls (torch traces
+    the operator, and its derivatives came out as zeros, or no tangent at all): a compiled jvp,
+    jacfwd, hessian or dual_level inside the compiled function, and a compiled function called on a
+    dual tensor, which Dynamo does not show as one (a graph break; torch 2.14's Dynamo refuses dual
+    inputs itself). fullgraph=True keeps the error (Dynamo's, carrying ours, or its graph-break
+    error). Forward mode whose variable does not reach the op, and vmap without forward mode,
+    still compile into one graph."""
+    refused = r"no forward-mode derivatives|compiler.disable\(\)|dual tensor input"
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    fused = lambda w: ncrl_kernels.fused_ncrl(hs, ts, w, bias, labels, block_size=4, backend=backend)  # noqa: E731
+    forward_ad, func = torch.autograd.forward_ad, torch.func
+
+    def dual_inside(w):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(fused(forward_ad.make_dual(w, torch.ones_like(w)))).tangent
+
+    refused_inside = {
+        "jvp": lambda w: func.jvp(fused, (w,), (torch.ones_like(w),))[1],
+        "jacfwd": lambda w: func.jacfwd(fused)(w),
+        "hessian": func.hessian(fused),
+        "dual_level": dual_inside,
+    }
+    for fullgraph in (False, True):
+        for name, call in refused_inside.items():
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match=refused):
+                torch.compile(call, backend="aot_eager", fullgraph=fullgraph)(weight)
+        torch._dynamo.reset()
+        compiled = torch.compile(fused, backend="aot_eager", fullgraph=fullgraph)
+        with forward_ad.dual_level(), pytest.raises(Exception, match=refused):
+            compiled(forward_ad.make_dual(weight, torch.ones_like(weight)))
+
+    x = torch.tensor(1.5, device=device)
+    torch._dynamo.reset()
+    constant = torch.compile(lambda x: func.jvp(lambda x: fused(weight) * x ** 2, (x,), (torch.ones_like(x),))[1],
+                             backend="aot_eager", fullgraph=True)
+    assert_close(constant(x), 2 * x * fused(weight), torch.float32, "compiled jvp of a constant")
+    torch._dynamo.reset()
+    stacked = torch.stack([weight, -weight])
+    mapped = torch.compile(func.vmap(fused), backend="aot_eager", fullgraph=True)(stacked)
+    assert_close(mapped, torch.stack([fused(weight), fused(-weight)]), torch.float32, "compiled vmap")
+
+
+@pytest.mark.parametrize("device,backend", fused_backends())
 def test_batched_gradients_and_vmap(device, backend):
     """torch.autograd.grad(is_grads_batched=True) (what jacobian(vectorize=True) uses) and
     torch.vmap over the head give what a loop over the batch gives."""
