@@ -265,31 +265,46 @@ def op_under_transform(op, args):
         raise RuntimeError(FUNC_GRAD_REFUSED) from error
 
 
-def refuse_transforms_while_compiling(args):
-    """What ``op_under_transform`` refuses in forward mode, under torch.compile, which traces the
-    transforms: Dynamo runs their nesting as it traces, so the op meets the real interpreter stack,
-    but it cannot trace has_tangents' walk down the wrappers, and the op would then run without a
-    word, its derivatives zeros. Where forward AD is on (functorch's jvp turns it on too), the
-    innermost level's tangents are read as Dynamo traces (jvp, jacfwd); a dual graph input's
-    tangent is not in the trace, nor is a tangent under another transform (hessian, jvp over
-    vmap), so there the graph breaks to ``has_tangents`` on the real tensors. Without forward AD
-    (plain compile, vmap, grad) nothing is added to the graph."""
+@torch.compiler.assume_constant_result
+def forward_ad_level():
+    """forward_ad's current level as it is at this call, also while Dynamo traces: Dynamo reads a
+    module global once per frame, so a plain read after a dual_level or jvp entered in the same
+    frame would give the level from before it."""
+    return torch.autograd.forward_ad._current_level
+
+
+# A graph break: has_tangents on the real tensors, dual or functorch-wrapped, which Dynamo's fakes
+# do not show as such.
+has_tangents_outside_the_graph = torch.compiler.disable(has_tangents)
+
+
+def refuse_forward_mode_while_compiling(args):
+    """What ``op_under_transform`` refuses in forward mode, under torch.compile, where torch's
+    derivatives for the op would be zeros without a word. Dynamo runs the transforms' nesting as it
+    traces, so the op meets the real interpreter stack, but it cannot trace has_tangents' walk down
+    the wrappers. A tangent is read in the trace where the trace shows it: the innermost level of
+    a single functorch jvp (jvp, jacfwd), and a dual made inside the compiled function. Elsewhere
+    the graph breaks to ``has_tangents`` on the real tensors: under plain forward AD (a dual graph
+    input looks plain to Dynamo), under nested jvps, and where another transform is innermost
+    (hessian, jvp over vmap). Without forward AD (plain compile, vmap, grad) nothing is added to
+    the graph."""
     forward_ad = torch.autograd.forward_ad
-    if forward_ad._current_level < 0:
+    # The plain read makes Dynamo guard the graph on the level it was traced at (one traced outside
+    # forward AD is not reused on dual inputs); forward_ad_level() is the level at this call.
+    level = max(forward_ad._current_level, forward_ad_level())
+    if level < 0:
         return
     transforms = torch._C._are_functorch_transforms_active()
-    if not transforms or (torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
-                          == torch._C._functorch.TransformType.Jvp):
-        if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+    innermost_jvp = transforms and (torch._functorch.pyfunctorch.retrieve_current_functorch_interpreter().key()
+                                    == torch._C._functorch.TransformType.Jvp)
+    if not transforms or innermost_jvp:
+        if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a, level=level).tangent is not None
+               for a in args):
             raise RuntimeError(FORWARD_MODE_REFUSED)
-        if transforms:
+        if innermost_jvp and torch._functorch.eager_transforms.JVP_NESTING == 1:
             return
     if has_tangents_outside_the_graph(args):
         raise RuntimeError(FORWARD_MODE_REFUSED)
-
-
-# A graph break: has_tangents on the real tensors, dual or functorch-wrapped, as Dynamo's fakes do not show them.
-has_tangents_outside_the_graph = torch.compiler.disable(has_tangents)
 
 
 FORWARD_MODE_REFUSED = (
@@ -339,7 +354,7 @@ class OpFamily:
             if autocast is not None:
                 args = (*autocast_head(*args[:3], autocast), *args[3:])
             if torch.compiler.is_compiling():
-                refuse_transforms_while_compiling(args)
+                refuse_forward_mode_while_compiling(args)
             elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
                 return op_under_transform(self.ops[name], args)
             return self.ops[name](*args)

@@ -317,24 +317,32 @@ def test_func_transforms_are_refused_with_a_way_out(device, backend):
 def test_forward_mode_under_torch_compile_is_refused(device, backend):
     """Under torch.compile, forward mode reaching the op is refused as in eager calls (torch traces
     the operator, and its derivatives came out as zeros, or no tangent at all): a compiled jvp,
-    jacfwd, hessian or dual_level inside the compiled function, and a compiled function called on a
-    dual tensor, which Dynamo does not show as one (a graph break; torch 2.14's Dynamo refuses dual
-    inputs itself). fullgraph=True keeps the error (Dynamo's, carrying ours, or its graph-break
-    error). Forward mode whose variable does not reach the op, and vmap without forward mode,
-    still compile into one graph."""
+    jacfwd, hessian, nested jvp, or dual_level inside the compiled function, also after a plain
+    call of the op in the same function, and a compiled function called on a dual tensor, which
+    Dynamo does not show as one (a graph break; torch 2.14's Dynamo refuses dual inputs itself).
+    fullgraph=True keeps the error (Dynamo's, carrying ours, or its graph-break error). Forward
+    mode whose variable does not reach the op, and vmap without forward mode, still compile into
+    one graph."""
     refused = r"no forward-mode derivatives|compiler.disable\(\)|dual tensor input"
     hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
     fused = lambda w: ncrl_kernels.fused_ncrl(hs, ts, w, bias, labels, block_size=4, backend=backend)  # noqa: E731
     forward_ad, func = torch.autograd.forward_ad, torch.func
+    # Not all ones: shifting every logit alike leaves the loss unchanged, a derivative of 0.
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    x = torch.tensor(1.5, device=device)
 
     def dual_inside(w):
+        value = fused(w)  # a plain call first: forward AD starts later in the same compiled frame
         with forward_ad.dual_level():
-            return forward_ad.unpack_dual(fused(forward_ad.make_dual(w, torch.ones_like(w)))).tangent
+            return value, forward_ad.unpack_dual(fused(forward_ad.make_dual(w, direction))).tangent
 
     refused_inside = {
-        "jvp": lambda w: func.jvp(fused, (w,), (torch.ones_like(w),))[1],
+        "jvp": lambda w: func.jvp(fused, (w,), (direction,))[1],
+        "op then jvp": lambda w: fused(w) + func.jvp(fused, (w,), (direction,))[1],
         "jacfwd": lambda w: func.jacfwd(fused)(w),
         "hessian": func.hessian(fused),
+        "nested jvp": lambda w: func.jvp(lambda w: func.jvp(lambda x: fused(w) * x ** 2, (x,), (torch.ones_like(x),))[1],
+                                         (w,), (direction,))[1],
         "dual_level": dual_inside,
     }
     for fullgraph in (False, True):
@@ -344,10 +352,10 @@ def test_forward_mode_under_torch_compile_is_refused(device, backend):
                 torch.compile(call, backend="aot_eager", fullgraph=fullgraph)(weight)
         torch._dynamo.reset()
         compiled = torch.compile(fused, backend="aot_eager", fullgraph=fullgraph)
+        compiled(weight)  # a graph traced outside forward AD is not reused on a dual input
         with forward_ad.dual_level(), pytest.raises(Exception, match=refused):
-            compiled(forward_ad.make_dual(weight, torch.ones_like(weight)))
+            compiled(forward_ad.make_dual(weight, direction))
 
-    x = torch.tensor(1.5, device=device)
     torch._dynamo.reset()
     constant = torch.compile(lambda x: func.jvp(lambda x: fused(weight) * x ** 2, (x,), (torch.ones_like(x),))[1],
                              backend="aot_eager", fullgraph=True)
