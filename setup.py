@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tempfile
 
 import setuptools
@@ -205,8 +206,19 @@ def license_metadata():
     return {"license_expression": "MIT"} if major >= 77 else {"license": "MIT"}
 
 
+def torch_requirement():
+    """The torch this package needs: for a wheel (also the one pip builds for `pip install .`), the
+    release it is compiled against, the only one its extension loads with, so that installing it
+    elsewhere does not pull another torch (on Linux, a CUDA build of several GB) to run the
+    reference with; for an sdist, compiled where it is installed, any torch it supports."""
+    if "sdist" in sys.argv[1:]:
+        return "torch>=2.11"
+    return f"torch=={torch.__version__.split('+')[0]}"  # 2.13.0 also matches 2.13.0+cpu, +cu130...
+
+
 setup(
     **license_metadata(),
+    install_requires=[torch_requirement()],
     packages=["ncrl_kernels", "ncrl_kernels.triton_kernels"],
     package_dir={"ncrl_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],

@@ -158,6 +158,26 @@ def test_build_without_openmp_says_so(tmp_path):
     assert f"without OpenMP, which the C++ compiler {compiler} does not build, so the CPU kernels run on one thread" in line
 
 
+def test_wheel_requires_the_torch_it_is_built_against(tmp_path):
+    """A wheel's extension loads with the torch it was compiled against only, so the wheel requires
+    that release (installed elsewhere, a wider range would pull another torch, on Linux a CUDA
+    build of several GB, to run the reference with); an sdist, compiled where it is installed,
+    takes any supported torch. Read from the metadata setuptools writes for each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def torch_required(*commands, base):
+        out = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(base), *commands],
+                             cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (requires,) = base.glob("*.egg-info/requires.txt")
+        return requires.read_text().splitlines()[0]
+
+    (tmp_path / "wheel").mkdir()
+    (tmp_path / "sdist").mkdir()
+    assert torch_required(base=tmp_path / "wheel") == f"torch=={torch.__version__.split('+')[0]}"
+    assert torch_required("sdist", "--dist-dir", str(tmp_path / "sdist"), base=tmp_path / "sdist") == "torch>=2.11"
+
+
 @pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the extension is not built here")
 def test_build_recorded_its_torch():
     from ncrl_kernels import _build_info
