@@ -13,6 +13,7 @@ Availability depends only on state fixed at import time (extension loaded, Trito
 TRITON_INTERPRET), on the device and, for the head, on the number of classes (``head_reason``),
 so it is cheap and traces under ``torch.compile``.
 """
+import collections
 import importlib
 import importlib.util
 import os
@@ -124,6 +125,11 @@ def _extension_reason(dispatch_key):
     return None
 
 
+# What to use on tensors of a device type that a backend does not run on: the kernels made for it,
+# else (meta, mps, xpu...) the reference.
+RUNS_ON = collections.defaultdict(lambda: "'reference' or 'auto'", cpu="'cpp' or 'auto'", cuda="'cuda' or 'triton'")
+
+
 def unavailable_reason(name, device):
     """None if backend `name` (one of BACKENDS) can run on tensors of `device`, else a sentence
     saying why not."""
@@ -133,11 +139,11 @@ def unavailable_reason(name, device):
         return None
     if name == "cpp":
         if kind != "cpu":
-            return f"'cpp' runs the C++ CPU kernels on CPU tensors, these are on {device}; use 'cuda' or 'triton'"
+            return f"'cpp' runs the C++ CPU kernels on CPU tensors, these are on {device}; use {RUNS_ON[kind]}"
         return _extension_reason("CPU")
     if name == "cuda":
         if kind != "cuda":
-            return f"'cuda' runs on CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
+            return f"'cuda' runs on CUDA tensors, these are on {device}; use {RUNS_ON[kind]}"
         if not torch.cuda.is_available():
             return "no CUDA GPU is available here (torch.cuda.is_available() is False)"
         if ROCM:
@@ -183,25 +189,31 @@ def available_backends(device):
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
-def head_reason(name, classes, device):
-    """None if backend `name` runs the head for `classes` classes (None: no head) on `device`, else
-    why not, naming the backends that can."""
-    if name == "triton" and classes is not None and classes > TRITON_MAX_CLASSES:
-        others = "'cuda' or 'reference'" if device.type == "cuda" else "'cpp' or 'reference'"
-        return (f"the Triton kernels are sized for up to {TRITON_MAX_CLASSES} classes and the weight has {classes} "
-                f"(their tiles would need more shared memory than a GPU has); use {others}")
-    return None
+def head_reason(name, classes, device, emb=None):
+    """None if backend `name` runs the head for `classes` classes (None: no head) and `emb`
+    features per pair (None: not known yet) on `device`, else why not, naming the backends that
+    can."""
+    if name != "triton" or classes is None:
+        return None
+    if classes > TRITON_MAX_CLASSES:
+        why = (f"the Triton kernels are sized for up to {TRITON_MAX_CLASSES} classes and the weight has {classes} "
+               "(their tiles would need more shared memory than a GPU has)")
+    elif emb == 0:  # logits = bias: nothing for the kernels to do, and their split of the rows has no rows
+        why = "the Triton kernels need at least one feature per pair and hs has none (E=0)"
+    else:
+        return None
+    return f"{why}; use {'cuda' if device.type == 'cuda' else 'cpp'!r} or 'reference'"
 
 
-def resolve(backend, device, classes=None):
+def resolve(backend, device, classes=None, emb=None):
     """The implementation module for `backend` on `device`, for a head of `classes` classes (None:
-    the losses alone); "auto" picks the fastest available."""
+    the losses alone) and `emb` features per pair; "auto" picks the fastest available."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None and head_reason(name, classes, device) is None:
+            if unavailable_reason(name, device) is None and head_reason(name, classes, device, emb) is None:
                 return _IMPLEMENTATIONS[name]
     check_backend_name(backend)
-    reason = unavailable_reason(backend, device) or head_reason(backend, classes, device)
+    reason = unavailable_reason(backend, device) or head_reason(backend, classes, device, emb)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return _IMPLEMENTATIONS[backend]

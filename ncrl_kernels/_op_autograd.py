@@ -92,6 +92,10 @@ def register_autograd(register, head_backward):
     """
 
     def save_head(ctx, hs, ts, weight, bias, block_size, symmetric, extra, *tensors):
+        # Inference tensors (made under torch.inference_mode: features cached from a frozen encoder)
+        # cannot be saved for backward, copies can (the reference saves what it computes from them).
+        if (hs.is_inference() or ts.is_inference() or weight.is_inference()) and not torch.is_inference_mode_enabled():
+            hs, ts, weight = (x.clone() if x.is_inference() else x for x in (hs, ts, weight))
         ctx.save_for_backward(hs, ts, weight, *tensors)
         ctx.block_size, ctx.symmetric, ctx.extra = block_size, symmetric, extra
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -42,6 +42,12 @@ def check_flag(name, value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_positive_int(name, value):
+    # (type(...) is int first: an ABC isinstance check costs the host more than the rest of this line)
+    if (type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral))) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
     """Checks of the group-bilinear head; returns (N, E, C). Under autocast (`autocast_dtype`),
     hs, ts and weight must share the dtype they will run in (every floating dtype but fp64 is
@@ -62,10 +68,7 @@ def check_head(hs, ts, weight, bias, block_size, autocast_dtype=None):
             f"hs, ts and weight must share one dtype, got {hs.dtype}, {ts.dtype} and {weight.dtype}; "
             "cast them with .to(dtype) or run under torch.autocast"
         )
-    # (type(...) is int first: an ABC isinstance check costs the host more than the rest of this line)
-    if ((type(block_size) is not int and (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)))
-            or block_size <= 0):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_positive_int("block_size", block_size)
     n, emb = hs.shape
     if emb % block_size != 0:
         raise ValueError(f"emb size E={emb} of hs/ts must be divisible by block_size={block_size}")
@@ -114,6 +117,10 @@ def check_labels(labels, n, classes, device, scores="logits"):
         raise ValueError(f"labels must have shape (N, C) = ({n}, {classes}), got {tuple(labels.shape)}{hint}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but {scores} is on {device}; move it with .to(device)")
+    check_loss_classes(classes)
+
+
+def check_loss_classes(classes):
     if classes < 2:
         raise ValueError(f"need at least 2 classes (the none class in column 0 and one relation), got C={classes}")
 

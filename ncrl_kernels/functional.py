@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from . import _dispatch, _validation, reference
+from . import _dispatch, _reference_backend, _validation, reference
 
 
 def _autocast_dtype(device):
@@ -27,6 +27,14 @@ def _float_labels(labels, dtype):
     (float labels of that dtype as they are: a no-op .to() still costs the host a dispatch)."""
     dtype = reference.loss_dtype(dtype)
     return labels if labels.dtype == dtype else labels.to(dtype)
+
+
+def _check_labels_need_no_grad(labels, impl):
+    """The fused backends take labels as constants: labels that autograd would differentiate (soft
+    labels computed by a model) are refused there, rather than silently given no gradient."""
+    if labels.requires_grad and torch.is_grad_enabled() and impl is not _reference_backend:
+        raise ValueError("labels require grad, and the fused backends give labels no gradient: pass "
+                         "labels.detach() if none is wanted, or backend='reference' to differentiate them")
 
 
 def _check_tensors(**tensors):
@@ -53,9 +61,9 @@ def group_bilinear(hs, ts, weight, bias=None, *, block_size=64, symmetric=False,
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
     autocast = _autocast_dtype(hs.device)
-    _, _, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
+    _, emb, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     _validation.check_flag("symmetric", symmetric)
-    impl = _dispatch.resolve(backend, hs.device, classes)
+    impl = _dispatch.resolve(backend, hs.device, classes, emb)
     return impl.group_bilinear(hs, ts, weight, bias, int(block_size), bool(symmetric), autocast)
 
 
@@ -63,6 +71,7 @@ def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_logits_and_labels(logits, labels)
     impl = _dispatch.resolve(backend, logits.device)
+    _check_labels_need_no_grad(labels, impl)
     # The loss runs in fp32 (fp64 stays fp64); autograd casts the gradient back to logits' dtype.
     scores = logits.to(reference.loss_dtype(logits.dtype))
     return impl.loss_fn(scores, _float_labels(labels, scores.dtype), loss, float(gamma), bool(margin_reg), reduction)
@@ -115,12 +124,13 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     """
     _check_tensors(hs=hs, ts=ts, weight=weight, bias=bias)
     autocast = _autocast_dtype(hs.device)
-    n, _, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
+    n, emb, classes = _validation.check_head(hs, ts, weight, bias, block_size, autocast)
     _validation.check_flag("symmetric", symmetric)
     _validation.check_flag("return_logits", return_logits)
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_labels(labels, n, classes, hs.device, scores="hs")
-    impl = _dispatch.resolve(backend, hs.device, classes)
+    impl = _dispatch.resolve(backend, hs.device, classes, emb)
+    _check_labels_need_no_grad(labels, impl)
     value, logits = impl.fused(
         hs, ts, weight, bias, _float_labels(labels, hs.dtype), int(block_size), bool(symmetric), loss, float(gamma),
         bool(margin_reg), reduction, autocast,
@@ -138,6 +148,9 @@ def predict(logits, *, num_labels=-1, threshold=None):
     not read."""
     _check_tensors(logits=logits)
     _validation.check_tensor("logits", logits, ndim=2)
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one column (column 0: the none class), got shape "
+                         f"{tuple(logits.shape)}")
     if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral):
         raise TypeError(f"num_labels must be an int (-1 or 0 for no limit), got {num_labels!r}")
     if threshold is not None:

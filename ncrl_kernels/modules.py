@@ -37,8 +37,10 @@ class GroupBilinear(nn.Module):
     def __init__(self, emb_size, block_size, num_classes, bias=True, *, symmetric=False, backend="auto",
                  device=None, dtype=None):
         super().__init__()
-        if block_size <= 0 or emb_size % block_size != 0:
-            raise ValueError(f"emb_size={emb_size} must be divisible by a positive block_size, got {block_size}")
+        for name, value in (("emb_size", emb_size), ("block_size", block_size), ("num_classes", num_classes)):
+            _validation.check_positive_int(name, value)
+        if emb_size % block_size != 0:
+            raise ValueError(f"emb_size={emb_size} must be divisible by block_size={block_size}")
         _validation.check_flag("symmetric", symmetric)
         _dispatch.check_backend_name(backend)
         # A class count the backend refuses whatever the device (Triton past 128) is refused here.
@@ -79,6 +81,7 @@ class GroupBilinearLoss(GroupBilinear):
         super().__init__(emb_size, block_size, num_classes, bias, symmetric=symmetric, backend=backend,
                          device=device, dtype=dtype)
         _validation.check_loss_args(loss, gamma, margin_reg, reduction)
+        _validation.check_loss_classes(num_classes)
         self.loss, self.gamma, self.margin_reg, self.reduction = loss, gamma, margin_reg, reduction
 
     def forward(self, hs, ts, labels=None, return_logits=False):

@@ -306,6 +306,25 @@ def test_symmetric_exact_ties_split_the_gradient(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", all_backends())
+def test_inference_tensor_inputs_train_the_head(device, backend):
+    """hs and ts made under torch.inference_mode() (features cached from a frozen encoder), then
+    used outside it to train the head: autograd cannot save inference tensors for backward, so the
+    fused ops save copies, and the weight and bias get the reference's gradients."""
+    hs, ts, weight, bias, labels = make_head_inputs(6, 8, 4, 3, device=device)
+    with torch.inference_mode():
+        frozen_hs, frozen_ts = hs.clone(), ts.clone()
+    want = run_fused("reference", *fp64(hs, ts, weight, bias), labels.cpu(), block_size=4)
+    w, b = leaves(weight, bias)
+    value = ncrl_kernels.fused_ncrl(frozen_hs, frozen_ts, w, b, labels, block_size=4, backend=backend)
+    grads = torch.autograd.grad(value, (w, b), upstream(value))
+    for name, got, expected in zip(("loss", "d weight", "d bias"), (value, *grads), (want[0], *want[4:])):
+        assert_close(got, expected, torch.float32, f"{backend} inference-tensor inputs {name}")
+    head = ncrl_kernels.group_bilinear(frozen_hs, frozen_ts, w, b, block_size=4, backend=backend)
+    head.sum().backward()
+    assert w.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 def test_without_autograd(device, backend, mode):
     """Evaluation: under torch.inference_mode() (outputs are inference tensors) or no_grad with

@@ -32,8 +32,13 @@ def test_group_bilinear_initialises_like_linear():
     assert ncrl_kernels.GroupBilinear(64, 8, 7, bias=False).bias is None
     with pytest.raises(ValueError, match="divisible"):
         ncrl_kernels.GroupBilinear(60, 8, 7)
-    with pytest.raises(ValueError, match="positive block_size"):
-        ncrl_kernels.GroupBilinear(64, 0, 7)
+    # Settings are checked when the module is built, each error naming its argument.
+    for args, name in (((64, 0, 7), "block_size"), ((64, True, 7), "block_size"), ((64, 4.0, 7), "block_size"),
+                       ((64, "4", 7), "block_size"), ((0, 4, 7), "emb_size"), ((64, 4, -1), "num_classes")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            ncrl_kernels.GroupBilinear(*args)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ncrl_kernels.GroupBilinearLoss(64, 8, 1)
 
 
 @pytest.mark.parametrize("device,backend", all_backends())

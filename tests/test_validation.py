@@ -341,6 +341,39 @@ def test_triton_refuses_a_wide_head_through_the_api():
         ncrl_kernels.group_bilinear(hs, ts, weight, block_size=4, backend="triton")
 
 
+@pytest.mark.skipif("triton" not in ncrl_kernels.available_backends("cpu"), reason="needs Triton's interpreter")
+def test_triton_refuses_a_head_without_features():
+    """E=0 (logits are the bias): the Triton kernels split the feature rows, of which there are none;
+    backend="triton" says so and what to use, "auto" takes the next backend, which gives the bias."""
+    hs, ts, weight, bias = torch.randn(3, 0), torch.randn(3, 0), torch.randn(4, 0), torch.randn(4)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run here: .*E=0.*use 'cpp' or 'reference'"):
+        ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend="triton")
+    assert _dispatch.resolve("auto", torch.device("cpu"), 4, 0) is not _dispatch._IMPLEMENTATIONS["triton"]
+    assert torch.equal(ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4), bias.expand(3, 4))
+
+
+@pytest.mark.parametrize("device,backend", all_backends())
+def test_labels_that_require_grad(device, backend, good):
+    """Labels that autograd would differentiate (soft labels from a model): the reference gives them
+    their gradient; the fused backends, which take labels as constants, refuse them, rather than
+    leave them without one, and take them detached or under no_grad."""
+    good = {k: v.to(device) for k, v in good.items()}
+    soft = good["labels"].float().requires_grad_()
+    logits = make_logits(N, C).to(device)
+    calls = (lambda y: ncrl_kernels.ncrl_loss(logits, y, backend=backend),
+             lambda y: ncrl_kernels.fused_ncrl(good["hs"], good["ts"], good["weight"], good["bias"], y, block_size=B,
+                                               backend=backend))
+    for call in calls:
+        if backend == "reference":
+            assert torch.autograd.grad(call(soft), soft)[0].shape == soft.shape
+        else:
+            with pytest.raises(ValueError, match=r"labels require grad.*labels.detach\(\).*backend='reference'"):
+                call(soft)
+        call(soft.detach())
+        with torch.no_grad():
+            call(soft)
+
+
 def test_cuda_backend_checks_the_built_architectures(monkeypatch):
     """The default build (TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX") has no code a T4 (7.5) can run: the
     'cuda' backend says so and how to rebuild, where its first launch would fail ("no kernel image
@@ -381,6 +414,8 @@ def test_predict_arguments():
         ncrl_kernels.predict(make_logits(N, C), num_labels=2.5)
     with pytest.raises(ValueError, match="logits"):
         ncrl_kernels.predict(make_logits(N, C)[0])
+    with pytest.raises(ValueError, match="logits must have at least one column"):
+        ncrl_kernels.predict(make_logits(N, C)[:, :0], num_labels=2)
     for threshold in ("0.5", True, torch.tensor(0.5)):
         with pytest.raises(TypeError, match="threshold"):
             ncrl_kernels.predict(make_logits(N, C), threshold=threshold)
@@ -519,6 +554,10 @@ def test_meta_tensors(good):
     assert loss.shape == () and logits.shape == (N, C) and logits.device.type == "meta"
     with pytest.raises(ValueError, match="same device"):
         head({**good, "hs": meta["hs"]}, "auto")
+    # A backend made for other devices points to what runs on meta tensors.
+    for backend in ("cpp", "cuda"):
+        with pytest.raises(ValueError, match=r"these are on meta; use 'reference' or 'auto'"):
+            head(meta, backend)
 
 
 def test_extension_load_error_names_a_shadowing_checkout(tmp_path):
