@@ -120,9 +120,10 @@ def check_labels(labels, n, classes, device, scores="logits"):
     check_loss_classes(classes)
 
 
-def check_loss_classes(classes):
+def check_loss_classes(classes, name="C"):
+    """`name`: what the caller calls the class count (a module's num_classes; C, the labels' columns)."""
     if classes < 2:
-        raise ValueError(f"need at least 2 classes (the none class in column 0 and one relation), got C={classes}")
+        raise ValueError(f"need at least 2 classes (the none class in column 0 and one relation), got {name}={classes}")
 
 
 def check_logits_and_labels(logits, labels):

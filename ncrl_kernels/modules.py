@@ -81,7 +81,7 @@ class GroupBilinearLoss(GroupBilinear):
         super().__init__(emb_size, block_size, num_classes, bias, symmetric=symmetric, backend=backend,
                          device=device, dtype=dtype)
         _validation.check_loss_args(loss, gamma, margin_reg, reduction)
-        _validation.check_loss_classes(num_classes)
+        _validation.check_loss_classes(num_classes, "num_classes")
         self.loss, self.gamma, self.margin_reg, self.reduction = loss, gamma, margin_reg, reduction
 
     def forward(self, hs, ts, labels=None, return_logits=False):

@@ -342,14 +342,20 @@ def test_triton_refuses_a_wide_head_through_the_api():
 
 
 @pytest.mark.skipif("triton" not in ncrl_kernels.available_backends("cpu"), reason="needs Triton's interpreter")
-def test_triton_refuses_a_head_without_features():
+def test_triton_refuses_a_head_without_features(monkeypatch):
     """E=0 (logits are the bias): the Triton kernels split the feature rows, of which there are none;
     backend="triton" says so and what to use, "auto" takes the next backend, which gives the bias."""
     hs, ts, weight, bias = torch.randn(3, 0), torch.randn(3, 0), torch.randn(4, 0), torch.randn(4)
     with pytest.raises(ValueError, match=r"backend='triton' cannot run here: .*E=0.*use 'cpp' or 'reference'"):
         ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4, backend="triton")
-    assert _dispatch.resolve("auto", torch.device("cpu"), 4, 0) is not _dispatch._IMPLEMENTATIONS["triton"]
     assert torch.equal(ncrl_kernels.group_bilinear(hs, ts, weight, bias, block_size=4), bias.expand(3, 4))
+    # "auto" tries Triton first only on CUDA.
+    pretend_cuda_gpu(monkeypatch, (9, 0))
+    gpu, impls = torch.device("cuda:0"), _dispatch._IMPLEMENTATIONS
+    assert _dispatch.resolve("auto", gpu, 4, 1) is impls["triton"]
+    assert _dispatch.resolve("auto", gpu, 4, 0) is impls["cuda"]
+    with pytest.raises(ValueError, match=r"E=0.*'cuda' or 'reference'"):
+        _dispatch.resolve("triton", gpu, 4, 0)
 
 
 @pytest.mark.parametrize("device,backend", all_backends())
