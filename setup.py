@@ -14,6 +14,7 @@ loading the extension (ncrl_kernels/_extension.py), with the CUDA architectures 
 dispatcher checks against the GPU (ncrl_kernels/_dispatch.py).
 """
 import glob
+import importlib.metadata
 import os
 import re
 import shlex
@@ -208,12 +209,19 @@ def license_metadata():
 
 def torch_requirement():
     """The torch this package needs: for a wheel (also the one pip builds for `pip install .`), the
-    release it is compiled against, the only one its extension loads with, so that installing it
-    elsewhere does not pull another torch (on Linux, a CUDA build of several GB) to run the
-    reference with; for an sdist, compiled where it is installed, any torch it supports."""
+    torch it is compiled against, the only one its extension loads with (ncrl_kernels._extension
+    compares the full version, build tag included), so that installing it elsewhere does not pull
+    another torch (on Linux, a CUDA build of several GB) to run the reference with; for an sdist,
+    compiled where it is installed, any torch it supports. The pin is the version pip knows the
+    installed torch by: "2.13.0+cpu" for PyTorch's CPU build, which "==2.13.0" would let PyPI's
+    CUDA build of 2.13.0 satisfy, and "2.14.1" for PyPI's own (its torch.__version__ says
+    "2.14.1+cu130", which no index lists)."""
     if "sdist" in sys.argv[1:]:
         return "torch>=2.11"
-    return f"torch=={torch.__version__.split('+')[0]}"  # 2.13.0 also matches 2.13.0+cpu, +cu130...
+    try:
+        return f"torch=={importlib.metadata.version('torch')}"
+    except importlib.metadata.PackageNotFoundError:  # a torch built and put on the path by hand
+        return f"torch=={torch.__version__}"
 
 
 setup(
