@@ -19,7 +19,7 @@ them.
 """
 import torch
 
-from .reference import autocast_head, head_dtype, loss_dtype
+from .reference import as_dtype, autocast_head, head_dtype, loss_dtype
 
 # Whether Function.apply is the C apply itself (torch >= 2.14), which unwraps tensors kept from a
 # finished functorch transform (dead wrappers) on its own; before, Function.apply's Python did.
@@ -79,12 +79,6 @@ FAKES = {
 }
 
 
-def _as_dtype(x, dtype):
-    """`x` in `dtype`: itself where it is already (a no-op .to() still costs the host a dispatch,
-    about 1 us on this project's CPU, on every backward)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def scaled_grad(grad_loss, dloss_dlogits):
     """d loss / d logits for an incoming gradient: a scalar (mean, sum) or one per pair (none)."""
     return grad_loss.reshape(-1, 1) * dloss_dlogits
@@ -115,7 +109,7 @@ def register_autograd(register, head_backward):
                                                  need[0] or need[1], need[2] or need[3], *ctx.extra,
                                                  weight_grad_dtype=ctx.weight_grad_dtype, grad_scale=grad_scale)
         return (dhs if need[0] else None, dts if need[1] else None, dweight if need[2] else None,
-                _as_dtype(dbias, ctx.bias_dtype) if need[3] else None)
+                as_dtype(dbias, ctx.bias_dtype) if need[3] else None)
 
     def head_setup(ctx, inputs, output):
         save_head(ctx, *inputs[:HEAD_ARGS], inputs[HEAD_ARGS:])

@@ -23,10 +23,8 @@ def _autocast_dtype(device):
 
 
 def _float_labels(labels, dtype):
-    """Labels as floats of the loss dtype: a copy for bool/int labels, never an in-place change
-    (float labels of that dtype as they are: a no-op .to() still costs the host a dispatch)."""
-    dtype = reference.loss_dtype(dtype)
-    return labels if labels.dtype == dtype else labels.to(dtype)
+    """Labels as floats of the loss dtype: a copy for bool/int labels, never an in-place change."""
+    return reference.as_dtype(labels, reference.loss_dtype(dtype))
 
 
 def _refuse_differentiable_labels(impl):

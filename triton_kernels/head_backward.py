@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import loss_dtype
+from ..reference import as_dtype, loss_dtype
 from ._common import TRITON_VERSION, Tiles, cdiv, mma, padded, pick_tiles
 from ._launch import launcher
 from .head_forward import head_constants, rounded, rows_of, weight_rows_at
@@ -264,7 +264,7 @@ def padded_grad(grad_logits, dtype):
     is padded already (the fused forward's, or one with C = BLOCK_C) is only cast, if need be."""
     n, classes = grad_logits.shape
     if classes == padded(classes) and grad_logits.is_contiguous():
-        return grad_logits if grad_logits.dtype == dtype else grad_logits.to(dtype)  # a no-op .to costs a dispatch
+        return as_dtype(grad_logits, dtype)
     return zero_padded(grad_logits, (n, padded(classes)), dtype)
 
 
