@@ -27,11 +27,10 @@ def _float_labels(labels, dtype):
     return reference.as_dtype(labels, reference.loss_dtype(dtype))
 
 
-def _refuse_differentiable_labels(impl):
-    """For labels that require grad: the fused backends take labels as constants, so labels that
-    autograd would differentiate (soft labels computed by a model) are refused there, rather than
-    silently given no gradient. (Called only then: a call costs the host's step more than the test.)"""
-    if torch.is_grad_enabled() and impl is not _reference_backend:
+def _check_labels_need_no_grad(labels, impl):
+    """The fused backends take labels as constants: labels that autograd would differentiate (soft
+    labels computed by a model) are refused there, rather than silently given no gradient."""
+    if labels.requires_grad and torch.is_grad_enabled() and impl is not _reference_backend:
         raise ValueError("labels require grad, and the fused backends give labels no gradient: pass "
                          "labels.detach() if none is wanted, or backend='reference' to differentiate them")
 
@@ -70,8 +69,7 @@ def _loss(logits, labels, loss, gamma, margin_reg, reduction, backend):
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_logits_and_labels(logits, labels)
     impl = _dispatch.resolve(backend, logits.device)
-    if labels.requires_grad:
-        _refuse_differentiable_labels(impl)
+    _check_labels_need_no_grad(labels, impl)
     # The loss runs in fp32 (fp64 stays fp64); autograd casts the gradient back to logits' dtype.
     scores = logits.to(reference.loss_dtype(logits.dtype))
     return impl.loss_fn(scores, _float_labels(labels, scores.dtype), loss, float(gamma), bool(margin_reg), reduction)
@@ -130,8 +128,7 @@ def fused_ncrl(hs, ts, weight, bias, labels, *, block_size=64, symmetric=False, 
     _validation.check_loss_args(loss, gamma, margin_reg, reduction)
     _validation.check_labels(labels, n, classes, hs.device, scores="hs")
     impl = _dispatch.resolve(backend, hs.device, classes, emb)
-    if labels.requires_grad:
-        _refuse_differentiable_labels(impl)
+    _check_labels_need_no_grad(labels, impl)
     value, logits = impl.fused(
         hs, ts, weight, bias, _float_labels(labels, hs.dtype), int(block_size), bool(symmetric), loss, float(gamma),
         bool(margin_reg), reduction, autocast,
