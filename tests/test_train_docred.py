@@ -359,6 +359,24 @@ def gloo_threads():
     return [name for name in names if "gloo" in name]
 
 
+def gloo_threads_left(seconds=1.0):
+    """gloo's threads still listed `seconds` from now, or none as soon as none is. A thread can
+    stay listed for a moment after it was joined (join returns when the exiting thread has let its
+    stack go, before the kernel removes it from /proc/self/task): the likely cause of the test
+    below failing, at once, 2 times in about 470 runs (not reproduced in 420 more). Garbage
+    collection is off meanwhile, so that a group leaked into a reference cycle cannot be collected
+    while we wait and pass for one that main() let go."""
+    deadline, enabled = time.monotonic() + seconds, gc.isenabled()
+    gc.disable()
+    try:
+        while (left := gloo_threads()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return left
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def fail_in_a_step(trainer):
     raise RuntimeError("a failing step")
 
@@ -400,7 +418,7 @@ def test_process_group_outlives_the_ddp_model(tmp_path, monkeypatch, fails):
     assert not dist.is_initialized()
     if sys.platform == "linux":
         assert at_destroy == [(0, True)]
-        assert gloo_threads() == []
+        assert gloo_threads_left() == []
     else:
         assert [ddp for ddp, _ in at_destroy] == [0]
 
