@@ -173,7 +173,7 @@ def autograd_functions(forwards, head_backward):
             *args, autocast = args_and_autocast
             weight = args[2]
             if autocast is not None:
-                args[2] = weight.to(head_dtype(weight.dtype, autocast))
+                args[2] = as_dtype(weight, head_dtype(weight.dtype, autocast))
             output = impl(*args)
             setup_context(ctx, args, output)
             if args[2] is not weight:
@@ -363,7 +363,7 @@ class OpFamily:
                 return op_under_transform(self.ops[name], args)
             return self.ops[name](*args)
         if autocast is not None and not self.rounds_inputs:
-            args = (*(x.to(head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
+            args = (*(as_dtype(x, head_dtype(x.dtype, autocast)) for x in args[:2]), *args[2:])
         return self.function(name, *args, autocast=autocast)
 
     def function(self, name, *args, autocast=None):
