@@ -18,6 +18,7 @@ import importlib.metadata
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,23 @@ def nvcc_release(nvcc):
     return found and found.group(1)
 
 
+def cuda_home_source():
+    """Where torch's build took CUDA_HOME from, as torch looks (the first that is set or found):
+    the CUDA_HOME or CUDA_PATH variable, else the directory above the nvcc on PATH, else
+    /usr/local/cuda. For the line that a failed CUDA build ends with (BuildAndRecordTorch.run)."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return f"from {name}"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "torch's default"
+    # An nvcc outside its toolkit, a link or a wrapper script in /usr/local/bin, makes torch take
+    # /usr/local, which has no CUDA runtime to link ("cannot find -lcudart"). A link names the toolkit.
+    real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    linked = f", a link into the toolkit at {real}" if real != CUDA_HOME else ""
+    return f"the directory above the nvcc on PATH, {nvcc}{linked}"
+
+
 def announce(what):
     """One line in the build log saying which kernels are built. pip shows a build's output with
     `pip install -v` (or in full when the build fails); grep it for "ncrl_kernels: building"."""
@@ -188,9 +206,18 @@ class BuildAndRecordTorch(BuildExtension):
         self.force = True
 
     def run(self):
-        super().run()
-        path = os.path.join(os.path.dirname(self.get_ext_fullpath("ncrl_kernels._C")), "_build_info.py")
         built_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        try:
+            super().run()
+        except Exception:
+            if built_cuda:
+                # Compiler errors name no toolkit; say which one torch took, and the two ways out.
+                print(f"ncrl_kernels: the CUDA build failed with the toolkit at {CUDA_HOME} ({cuda_home_source()}). "
+                      f"Where that is not a full CUDA {torch.version.cuda.split('.')[0]} toolkit (bin/nvcc, include/, "
+                      "lib64/libcudart.so), set CUDA_HOME to one and build again; or set NCRL_KERNELS_CPU_ONLY=1 "
+                      "to build the CPU kernels only.", file=sys.stderr, flush=True)
+            raise
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("ncrl_kernels._C")), "_build_info.py")
         cuda_archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if built_cuda else None
         with open(path, "w") as f:
             f.write('"""Written by setup.py: the torch that ncrl_kernels._C was compiled against, and the\n'

@@ -15,7 +15,9 @@ Run it with the Python of a venv holding a CUDA build of torch (the Makefile's .
    instantiations of the feature and gradient kernels, and the library calls ATen's `mm.dtype_out`
    (the GEMM of 16-bit operands with fp32 output; csrc/cuda calls it only with 16-bit operands);
 6. checks that setup.py builds the CPU kernels only, saying why, where the toolkit's CUDA major
-   version is not torch's (a pretend nvcc of another release), where torch's build would fail.
+   version is not torch's (a pretend nvcc of another release), where torch's build would fail;
+7. checks that a CUDA build that fails (a pretend nvcc of torch's release that compiles nothing)
+   ends with setup.py's line naming the toolkit torch took, where from, and the way out.
 
 Nothing runs on a GPU. The full build log is <venv>/ncrl-cuda-build.log; the build objects stay in
 build/ so a second run only recompiles what changed. Exits non-zero saying what failed.
@@ -186,22 +188,47 @@ def setup_announces(env):
     return announced[0] if result.returncode == 0 and announced else result.stdout[-2000:] + result.stderr[-2000:]
 
 
+def pretend_toolkit(directory, release, compiles):
+    """A CUDA_HOME in `directory` whose bin/nvcc reports `release` and, unless `compiles`, fails
+    every other call; returns the environment for setup.py with CUDA_HOME set to it."""
+    os.makedirs(os.path.join(directory, "bin"))
+    nvcc = os.path.join(directory, "bin", "nvcc")
+    with open(nvcc, "w") as f:
+        f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.89'\n"
+                + ("" if compiles else '[ "$1" = --version ] || { echo "pretend nvcc: compiles nothing" >&2; exit 1; }\n'))
+    os.chmod(nvcc, 0o755)
+    env = {k: v for k, v in os.environ.items() if k != "NCRL_KERNELS_CPU_ONLY"}
+    return dict(env, CUDA_HOME=directory)
+
+
 def check_toolkit_mismatch(torch_cuda):
     """What setup.py announces with a CUDA_HOME whose nvcc reports another major release than
     torch's CUDA: it must build the CPU kernels only (torch's build refuses such a toolkit)."""
     other = f"{int(torch_cuda.split('.')[0]) - 1}.8"
     with tempfile.TemporaryDirectory() as toolkit:
-        os.makedirs(os.path.join(toolkit, "bin"))
-        nvcc = os.path.join(toolkit, "bin", "nvcc")
-        with open(nvcc, "w") as f:
-            f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}, V{other}.89'\n")
-        os.chmod(nvcc, 0o755)
-        env = {k: v for k, v in os.environ.items() if k != "NCRL_KERNELS_CPU_ONLY"}
-        line = setup_announces(dict(env, CUDA_HOME=toolkit))
+        line = setup_announces(pretend_toolkit(toolkit, other, compiles=True))
     if "CPU-only" not in line or other not in line:
         fail(f"with a CUDA {other} toolkit and torch's CUDA {torch_cuda}, setup.py should build the CPU kernels "
              f"only and say why; it said {line}")
     return line
+
+
+def check_failed_build_hint(torch_cuda):
+    """The last word of a CUDA build that fails (here at its first nvcc call, so it is quick):
+    setup.py's line naming the toolkit torch took and where from, and the way out."""
+    with tempfile.TemporaryDirectory() as work:
+        toolkit = os.path.join(work, "toolkit")
+        env = pretend_toolkit(toolkit, torch_cuda, compiles=False)
+        build = os.path.join(work, "build")
+        result = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", build, "--build-lib", build],
+                                cwd=ROOT, capture_output=True, text=True, env=dict(env, MAX_JOBS="1"))
+    output = result.stdout + result.stderr
+    hint = re.findall(r"ncrl_kernels: the CUDA build failed .*", output)
+    if result.returncode == 0 or not hint or toolkit not in hint[0] or "from CUDA_HOME" not in hint[0] \
+            or "NCRL_KERNELS_CPU_ONLY=1" not in hint[0]:
+        fail(f"a CUDA build that fails should end saying which toolkit torch took (CUDA_HOME={toolkit}) and the "
+             f"way out; exit {result.returncode}, output:\n{output[-3000:]}")
+    return hint[0]
 
 
 def main():
@@ -215,6 +242,7 @@ def main():
     code, kernels, symbols = check_device_code(seen["library"], env)
     sixteen_bit = check_sixteen_bit_path(seen["library"], symbols)
     print(f"check-cuda-build: with another CUDA major version: {check_toolkit_mismatch(torch.version.cuda)}")
+    print(f"check-cuda-build: a failed CUDA build: {check_failed_build_hint(torch.version.cuda)}")
     print(f"check-cuda-build: OK: {os.path.basename(wheel)} against torch {seen['torch']}; "
           f"{len(OPS)} operators registered for CPU and CUDA; device code: {', '.join(code)}; "
           f"kernels: {', '.join(kernels)}; 16-bit path: {', '.join(sixteen_bit)}. "
