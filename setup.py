@@ -37,6 +37,9 @@ except ImportError as exc:
     ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The CUDA major version torch is built with ("13"), which the toolkit and the NVIDIA wheels' headers
+# must match; None for a CPU torch.
+TORCH_CUDA_MAJOR = torch.version.cuda and torch.version.cuda.split(".")[0]
 
 
 def cuda_build_reason():
@@ -54,10 +57,10 @@ def cuda_build_reason():
     # torch's build stops with an error on a toolkit of another major version than its own: build
     # the CPU kernels instead, so that the package (and its Triton backend) still installs.
     release = nvcc_release(nvcc)
-    torch_major = torch.version.cuda.split(".")[0]
-    if release is not None and release.split(".")[0] != torch_major:
+    if release is not None and release.split(".")[0] != TORCH_CUDA_MAJOR:
         return (f"the CUDA toolkit at {CUDA_HOME} is {release} and torch {torch.__version__} is built with CUDA "
-                f"{torch.version.cuda}, which torch's build refuses (set CUDA_HOME to a CUDA {torch_major} toolkit)")
+                f"{torch.version.cuda}, which torch's build refuses "
+                f"(set CUDA_HOME to a CUDA {TORCH_CUDA_MAJOR} toolkit)")
     if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         return "no CUDA sources in csrc/cuda"
     return None
@@ -177,7 +180,7 @@ def extension():
     reason = cuda_build_reason()
     if reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        wheel_includes = headers_from_wheels(torch.version.cuda.split(".")[0])
+        wheel_includes = headers_from_wheels(TORCH_CUDA_MAJOR)
         if wheel_includes:
             os.environ["CPATH"] = os.pathsep.join([*env_dirs("CPATH"), *wheel_includes])
         headers = f", headers it lacks from {os.pathsep.join(wheel_includes)}" if wheel_includes else ""
@@ -213,7 +216,7 @@ class BuildAndRecordTorch(BuildExtension):
             if built_cuda:
                 # Compiler errors name no toolkit; say which one torch took, and the two ways out.
                 print(f"ncrl_kernels: the CUDA build failed with the toolkit at {CUDA_HOME} ({cuda_home_source()}). "
-                      f"Where that is not a full CUDA {torch.version.cuda.split('.')[0]} toolkit (bin/nvcc, include/, "
+                      f"Where that is not a full CUDA {TORCH_CUDA_MAJOR} toolkit (bin/nvcc, include/, "
                       "lib64/libcudart.so), set CUDA_HOME to one and build again; or set NCRL_KERNELS_CPU_ONLY=1 "
                       "to build the CPU kernels only.", file=sys.stderr, flush=True)
             raise

@@ -194,8 +194,9 @@ def pretend_toolkit(directory, release, compiles):
     os.makedirs(os.path.join(directory, "bin"))
     nvcc = os.path.join(directory, "bin", "nvcc")
     with open(nvcc, "w") as f:
-        f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.89'\n"
-                + ("" if compiles else '[ "$1" = --version ] || { echo "pretend nvcc: compiles nothing" >&2; exit 1; }\n'))
+        f.write(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.89'\n")
+        if not compiles:
+            f.write('[ "$1" = --version ] || { echo "pretend nvcc: compiles nothing" >&2; exit 1; }\n')
     os.chmod(nvcc, 0o755)
     env = {k: v for k, v in os.environ.items() if k != "NCRL_KERNELS_CPU_ONLY"}
     return dict(env, CUDA_HOME=directory)
